@@ -1,0 +1,18 @@
+# MAE-G/8 (Phenom-2; ../shared/PAPER.md): standard tokenization, width 1664, depth 48, 16 heads (?),
+# MLP 8192 (?) -> 1.84B encoder parameters; parallel blocks, QK-norm, no qkv bias, LayerScale 1e-4,
+# stochastic depth 0.6; Lion lr 3e-5 betas (0.9, 0.95) wd 0.05, global batch 8,192, 500 epochs of
+# Phenoprints-16M (~8B crops) one-cycle cosine with 10% warmup; mask 0.75; Fourier loss 0.01.
+preset = "vitg8"
+channel_agnostic = False
+img_size = 256
+drop_path = 0.6
+mask_ratio = 0.75
+fourier_weight = 0.01
+optimizer = "lion"
+lr = 3e-5
+betas = (0.9, 0.95)
+weight_decay = 0.05
+warmup_frac = 0.1
+global_batch = 8192
+batch_size = 32
+max_steps = 976_562   # 500 epochs x 16M images / 8,192; set from your dataset

@@ -1,0 +1,54 @@
+"""
+Plain-Python configs, nanoGPT style. A script keeps its settings as module globals; on its
+command line come config files (executed in order) and --key=value overrides:
+
+    python train.py config/vitg8.py --batch_size=16 --lr=1e-4
+
+A key that the script does not know, or a value of another type than the default, is an
+error that names the file or argument, so a typo never trains the wrong model silently.
+"""
+
+from ast import literal_eval
+
+
+def check(key, value, defaults, where):
+    if key not in defaults:
+        raise SystemExit(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if default is None or value is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    raise SystemExit(f"{where}: {key} must be {type(default).__name__} like its default {default!r}, "
+                     f"got {type(value).__name__} {value!r}")
+
+
+def configure(defaults, argv):
+    """Return the settings that config files and --key=value arguments in argv change,
+    as {key: value}, each checked against `defaults` ({key: default value})."""
+    changed = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"{arg}: write overrides as --key=value")
+            try:
+                value = literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string: --preset=vitg8
+            changed[key] = check(key, value, defaults, arg)
+        else:
+            try:
+                source = open(arg).read()
+            except OSError as e:
+                raise SystemExit(f"{arg}: cannot read config file ({e.strerror})")
+            namespace = {}
+            exec(compile(source, arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
+                    changed[key] = check(key, value, defaults, arg)
+    for key, value in changed.items():
+        print(f"config: {key} = {value!r}")
+    return changed

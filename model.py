@@ -1,0 +1,416 @@
+"""
+The channel-agnostic ViT masked autoencoder of "ViTally Consistent" (arXiv 2411.02572).
+
+One file, top to bottom: config and presets, sin-cos positions, the two block forms
+(sequential and the released models' parallel block), the MAE (self-standardization,
+standard or channel-agnostic tokenization, masking, encoder, decoder, MSE + Fourier
+loss), embeddings of any set of blocks from one forward pass, and FLOPs accounting.
+
+Shapes: B crops, C channels, H = W = img_size, p = patch_size, N = (H/p)^2 patches per
+channel, T tokens (N for standard tokenization, C*N for channel-agnostic), D width.
+"""
+
+import math
+from dataclasses import dataclass, asdict, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class MAEConfig:
+    img_size: int = 256
+    patch_size: int = 16
+    in_chans: int = 6             # channels of the training data (standard tokenization needs exactly this many)
+    channel_agnostic: bool = False  # CA-MAE: each channel tokenized alone by one shared 1->D projection
+    channel_embed: bool = False   # CA only: add a learned per-channel embedding (off = the released CA-MAE encoder)
+    max_chans: int = 11           # CA only: most channels a model accepts (size of the channel tables)
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_dim: int = 1536
+    parallel_blocks: bool = True  # one LayerNorm, one fused projection, attention + MLP summed (released models)
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    layerscale_init: float = 1e-4  # 0 turns LayerScale off
+    drop_path: float = 0.1        # stochastic depth at the last block (linear from 0)
+    norm_eps: float = 1e-6
+    dec_dim: int = 512
+    dec_depth: int = 8
+    dec_heads: int = 16
+    dec_mlp_dim: int = 2048
+    mask_ratio: float = 0.75
+    fourier_weight: float = 0.01  # a in (1 - a) * MSE + a * Fourier loss
+    norm_pix_loss: bool = False   # released configs: off (the target is the self-standardized crop)
+
+    @staticmethod
+    def from_preset(name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(MAEConfig(), **{**PRESETS[name], **overrides})
+
+
+# Sizes from ../shared/PAPER.md. vitg8's 16 heads and MLP 8192 are not pinned down by the
+# paper (marked (?)); with them the encoder counts 1.84B parameters, matching its ~1.86B.
+PRESETS = {
+    "vits16": dict(patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536, drop_path=0.1),
+    "vitb16": dict(patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072, drop_path=0.1),
+    "vitl16": dict(patch_size=16, dim=1024, depth=24, heads=16, mlp_dim=4096, drop_path=0.3),
+    "vitl8": dict(patch_size=8, dim=1024, depth=24, heads=16, mlp_dim=4096, drop_path=0.3),
+    "vitg8": dict(patch_size=8, dim=1664, depth=48, heads=16, mlp_dim=8192, drop_path=0.6),
+}
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2-D sin-cos positions [grid*grid, dim]: first half encodes the row, second the column."""
+    assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+    def encode(pos):  # [grid*grid] -> [grid*grid, dim/2]
+        angle = pos.reshape(-1, 1) * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def standardize(x, eps=1e-5):
+    """Self-standardization: z-score each crop's each channel on its own (instance norm, no affine).
+    uint8/uint16 are first scaled to [0, 1] as the released models do; a constant channel becomes 0."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    elif x.dtype == torch.uint16:
+        x = x.float() / 65535
+    else:
+        x = x.float()
+    var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = (torch.rand(x.shape[0], 1, 1, device=x.device) >= p).to(x.dtype)
+    return x * keep / (1 - p)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def layerscale(dim, init):
+    return LayerScale(dim, init) if init > 0 else nn.Identity()
+
+
+class Attention(nn.Module):
+    """Multi-head attention on a fused qkv tensor, with optional per-head QK LayerNorm."""
+    def __init__(self, dim, heads, qk_norm, eps):
+        super().__init__()
+        self.heads = heads
+        self.q_norm = nn.LayerNorm(dim // heads, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads, eps=eps) if qk_norm else nn.Identity()
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, qkv):  # [B, T, 3*D] -> [B, T, D]
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.out_proj(rearrange(x, "b h t d -> b t (h d)"))
+
+
+class SequentialBlock(nn.Module):
+    """Pre-norm ViT block: x + attn(norm(x)), then x + mlp(norm(x)), each under its LayerScale."""
+    def __init__(self, dim, heads, mlp_dim, qk_norm=False, qkv_bias=True, layerscale_init=0.0,
+                 drop_path=0.0, eps=1e-6):
+        super().__init__()
+        self.drop_path = drop_path
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn = Attention(dim, heads, qk_norm, eps)
+        self.ls1 = layerscale(dim, layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+        self.ls2 = layerscale(dim, layerscale_init)
+
+    def forward(self, x):  # [B, T, D]
+        x = x + drop_path(self.ls1(self.attn(self.qkv(self.norm1(x)))), self.drop_path, self.training)
+        x = x + drop_path(self.ls2(self.fc2(F.gelu(self.fc1(self.norm2(x))))), self.drop_path, self.training)
+        return x
+
+
+class ParallelBlock(nn.Module):
+    """The released models' block: one LayerNorm, one fused projection to [MLP hidden | q | k | v],
+    attention and MLP computed side by side and summed under ONE LayerScale."""
+    def __init__(self, dim, heads, mlp_dim, qk_norm=True, qkv_bias=False, layerscale_init=1e-4,
+                 drop_path=0.0, eps=1e-6):
+        super().__init__()
+        self.drop_path = drop_path
+        self.mlp_dim = mlp_dim
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.in_proj = nn.Linear(dim, mlp_dim + 3 * dim, bias=False)
+        self.mlp_bias = nn.Parameter(torch.zeros(mlp_dim))
+        self.qkv_bias = nn.Parameter(torch.zeros(3 * dim)) if qkv_bias else None
+        self.attn = Attention(dim, heads, qk_norm, eps)
+        self.mlp_out = nn.Linear(mlp_dim, dim)
+        self.ls = layerscale(dim, layerscale_init)
+
+    def forward(self, x):  # [B, T, D]
+        hidden, qkv = self.in_proj(self.norm(x)).split([self.mlp_dim, 3 * x.shape[-1]], dim=-1)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        y = self.attn(qkv) + self.mlp_out(F.gelu(hidden + self.mlp_bias))
+        return x + drop_path(self.ls(y), self.drop_path, self.training)
+
+
+class MAE(nn.Module):
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        c = self.config = config
+        assert c.img_size % c.patch_size == 0, f"img_size {c.img_size} is not a multiple of patch_size {c.patch_size}"
+        self.grid = c.img_size // c.patch_size
+        # encoder
+        self.patch_embed = nn.Conv2d(1 if c.channel_agnostic else c.in_chans, c.dim, c.patch_size, c.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        self.channel_embed = nn.Parameter(torch.zeros(c.max_chans, c.dim)) if c.channel_embed else None
+        Block = ParallelBlock if c.parallel_blocks else SequentialBlock
+        self.blocks = nn.ModuleList(
+            Block(c.dim, c.heads, c.mlp_dim, c.qk_norm, c.qkv_bias, c.layerscale_init,
+                  c.drop_path * i / max(c.depth - 1, 1), c.norm_eps) for i in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)  # before the decoder only; embeddings are raw tokens
+        # decoder: standard MAE blocks; in CA a learned token per channel tells it which channel to predict
+        self.dec_embed = nn.Linear(c.dim, c.dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dec_dim))
+        self.dec_channel_embed = nn.Parameter(torch.zeros(c.max_chans, c.dec_dim)) if c.channel_agnostic else None
+        self.dec_blocks = nn.ModuleList(
+            SequentialBlock(c.dec_dim, c.dec_heads, c.dec_mlp_dim, eps=c.norm_eps) for _ in range(c.dec_depth))
+        self.dec_norm = nn.LayerNorm(c.dec_dim, eps=c.norm_eps)
+        self.dec_pred = nn.Linear(c.dec_dim, c.patch_size ** 2 * (1 if c.channel_agnostic else c.in_chans))
+        # fixed tables are non-persistent buffers: never saved, refilled by init_weights() after to_empty()
+        self.register_buffer("pos_embed", torch.empty(self.grid ** 2, c.dim), persistent=False)
+        self.register_buffer("dec_pos_embed", torch.empty(self.grid ** 2, c.dec_dim), persistent=False)
+        if not self.cls_token.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """MAE's initialization; also fills the sin-cos tables (call it after to_empty() from meta)."""
+        self.pos_embed.copy_(sincos_2d(self.config.dim, self.grid))
+        self.dec_pos_embed.copy_(sincos_2d(self.config.dec_dim, self.grid))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerScale):
+                m.gamma.fill_(self.config.layerscale_init)
+            elif isinstance(m, ParallelBlock):
+                m.mlp_bias.zero_()
+                if m.qkv_bias is not None:
+                    m.qkv_bias.zero_()
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.config.dim, -1))  # as a linear layer
+        nn.init.zeros_(self.patch_embed.bias)
+        for p in (self.cls_token, self.mask_token, self.channel_embed, self.dec_channel_embed):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+
+    # ---- tokens -------------------------------------------------------------------------------
+
+    def check_input(self, x):
+        c = self.config
+        if x.ndim != 4 or x.shape[-2:] != (c.img_size, c.img_size):
+            raise ValueError(f"expected crops [B, C, {c.img_size}, {c.img_size}], got {list(x.shape)}")
+        if c.channel_agnostic and not 1 <= x.shape[1] <= c.max_chans:
+            raise ValueError(f"this model accepts 1 to {c.max_chans} channels, got {x.shape[1]}")
+        if not c.channel_agnostic and x.shape[1] != c.in_chans:
+            raise ValueError(f"this model was built for {c.in_chans} channels, got {x.shape[1]}")
+
+    def channel_ids(self, x, channels):
+        """Which channel-table row each input channel uses: given, or 0..C-1 in input order."""
+        return torch.arange(x.shape[1], device=x.device) if channels is None else channels.to(x.device)
+
+    def tokenize(self, x, channels=None):
+        """Standardized crops [B, C, H, W] -> patch tokens with positions [B, T, D] (no class token)."""
+        B, C = x.shape[:2]
+        if self.config.channel_agnostic:  # channel-major token order: all of channel 0, then channel 1, ...
+            t = self.patch_embed(x.reshape(B * C, 1, *x.shape[2:]))             # [B*C, D, g, g]
+            t = rearrange(t, "(b c) d h w -> b c (h w) d", b=B) + self.pos_embed  # same positions per channel
+            if self.channel_embed is not None:
+                t = t + self.channel_embed[self.channel_ids(x, channels)][:, None, :]
+            return t.flatten(1, 2)                                                 # [B, C*N, D]
+        return rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed  # [B, N, D]
+
+    def patchify(self, x):
+        """The reconstruction target: [B, C, H, W] -> [B, T, p*p*c], in the token order of tokenize()."""
+        p = self.config.patch_size
+        if self.config.channel_agnostic:
+            return rearrange(x, "b c (h p) (w q) -> b (c h w) (p q)", p=p, q=p)
+        return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+
+    def unpatchify(self, patches, chans):
+        """Inverse of patchify: [B, T, p*p*c] -> [B, C, H, W]."""
+        p, g = self.config.patch_size, self.grid
+        if self.config.channel_agnostic:
+            return rearrange(patches, "b (c h w) (p q) -> b c (h p) (w q)", c=chans, h=g, p=p)
+        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=g, p=p, c=chans)
+
+    def random_masking(self, tokens):
+        """Keep a random subset of each sample's tokens; exactly round(mask_ratio * T) are masked.
+        Returns visible tokens [B, T_keep, D], mask [B, T] (1 = masked) and ids_restore [B, T]."""
+        B, T, D = tokens.shape
+        n_keep = T - round(self.config.mask_ratio * T)
+        noise = torch.rand(B, T, device=tokens.device)
+        ids_shuffle = noise.argsort(dim=1)          # ascending: the first n_keep are kept
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :n_keep]
+        visible = tokens.gather(1, ids_keep[..., None].expand(-1, -1, D))
+        mask = torch.ones(B, T, device=tokens.device)
+        mask[:, :n_keep] = 0
+        return visible, mask.gather(1, ids_restore), ids_restore
+
+    def with_cls(self, tokens):
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    # ---- MAE training ---------------------------------------------------------------------------
+
+    def forward_encoder(self, x, channels=None):
+        tokens, mask, ids_restore = self.random_masking(self.tokenize(x, channels))
+        h = self.with_cls(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h), mask, ids_restore
+
+    def forward_decoder(self, h, ids_restore, x, channels=None):
+        """Encoded visible tokens [B, 1+T_keep, D] -> predicted patches [B, T, p*p*c]."""
+        h = self.dec_embed(h)
+        B, T = ids_restore.shape
+        tokens = torch.cat([h[:, 1:], self.mask_token.expand(B, T + 1 - h.shape[1], -1)], dim=1)
+        tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, h.shape[-1]))  # unshuffle: [B, T, Dd]
+        if self.config.channel_agnostic:
+            C = x.shape[1]
+            pos = self.dec_pos_embed.repeat(C, 1)
+            chan = self.dec_channel_embed[self.channel_ids(x, channels)].repeat_interleave(self.grid ** 2, dim=0)
+            tokens = tokens + pos + chan
+        else:
+            tokens = tokens + self.dec_pos_embed
+        h = torch.cat([h[:, :1], tokens], dim=1)
+        for block in self.dec_blocks:
+            h = block(h)
+        return self.dec_pred(self.dec_norm(h))[:, 1:]
+
+    def loss(self, target, pred, mask):
+        """(1 - a) * MSE + a * Fourier loss, each averaged over masked patches only.
+        The Fourier term is the L1 distance between |FFT2| of each predicted and target patch."""
+        c = self.config
+        if c.norm_pix_loss:
+            var, mean = torch.var_mean(target, dim=-1, keepdim=True)
+            target = (target - mean) * torch.rsqrt(var + 1e-6)
+        mse = ((pred - target) ** 2).mean(dim=-1)                                # [B, T]
+        p = c.patch_size
+        spectrum = lambda t: torch.fft.fft2(rearrange(t, "b t (p q c) -> b t c p q", p=p, q=p)).abs()
+        fourier = (spectrum(pred) - spectrum(target)).abs().flatten(2).mean(dim=-1)  # [B, T]
+        per_patch = (1 - c.fourier_weight) * mse + c.fourier_weight * fourier
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, x, channels=None):
+        """x: crops [B, C, H, W] (uint8, uint16 or float). Returns (loss, pred [B, T, p*p*c], mask [B, T])."""
+        self.check_input(x)
+        x = standardize(x)
+        h, mask, ids_restore = self.forward_encoder(x, channels)
+        pred = self.forward_decoder(h, ids_restore, x, channels)
+        return self.loss(self.patchify(x).float(), pred.float(), mask), pred, mask
+
+    # ---- inference ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, x, blocks=None, channels=None):
+        """Mean of the patch tokens (class token excluded, no final norm) after each requested block,
+        all from ONE unmasked forward pass. blocks: 1-based block numbers, default the last.
+        Returns [len(blocks), B, D]."""
+        self.check_input(x)
+        blocks = [len(self.blocks)] if blocks is None else list(blocks)
+        if not all(1 <= b <= len(self.blocks) for b in blocks):
+            raise ValueError(f"blocks must be in 1..{len(self.blocks)}, got {blocks}")
+        h = self.with_cls(self.tokenize(standardize(x), channels))
+        pooled = {}
+        for i, block in enumerate(self.blocks[:max(blocks)], start=1):
+            h = block(h)
+            if i in blocks:
+                pooled[i] = h[:, 1:].mean(dim=1)
+        return torch.stack([pooled[b] for b in blocks])
+
+    def trim(self, k):
+        """Drop the blocks after block k (1-based, as the paper counts) for inference."""
+        if not 1 <= k <= len(self.blocks):
+            raise ValueError(f"cannot trim a {len(self.blocks)}-block encoder at block {k}")
+        self.blocks = self.blocks[:k]
+        self.config.depth = k
+        return self
+
+    # ---- accounting -----------------------------------------------------------------------------
+
+    def num_params(self, encoder_only=True):
+        is_decoder = lambda name: name.startswith(("dec_", "mask_token"))
+        return sum(p.numel() for n, p in self.named_parameters() if not (encoder_only and is_decoder(n)))
+
+    def tokens_per_crop(self, chans=None):
+        return (chans or self.config.in_chans) * self.grid ** 2 if self.config.channel_agnostic else self.grid ** 2
+
+    def flops_per_crop(self, chans=None, train=True):
+        """Matmul FLOPs for one crop: 2 per weight per token in every Linear/Conv, 4*T^2*D per attention
+        layer (QK^T and AV); a training step adds the backward, twice the forward (the patch projection
+        only once: its input needs no gradient). LayerNorm, GELU, softmax and the FFT are not counted."""
+        c = self.config
+        T = self.tokens_per_crop(chans)
+        linear_weights = lambda mods: sum(m.weight.numel() for mod in mods for m in mod.modules()
+                                          if isinstance(m, nn.Linear))
+        patch = 2 * self.patch_embed.weight.numel() * T  # per token: p*p (CA) or C*p*p (standard) inputs
+        if not train:  # embed(): the whole encoder on all tokens
+            Te = T + 1
+            return patch + 2 * linear_weights(self.blocks) * Te + 4 * len(self.blocks) * c.dim * Te ** 2
+        Te, Td = T - round(c.mask_ratio * T) + 1, T + 1  # visible + class token; all + class token
+        enc = 2 * linear_weights(self.blocks) * Te + 4 * len(self.blocks) * c.dim * Te ** 2
+        dec = 2 * linear_weights([self.dec_embed]) * Te + 2 * linear_weights([self.dec_blocks, self.dec_pred]) * Td \
+            + 4 * len(self.dec_blocks) * c.dec_dim * Td ** 2
+        return 2 * patch + 3 * (enc + dec)
+
+    def param_groups(self, weight_decay):
+        """Weight decay on matrices only: not on norms, biases, LayerScale, tokens or channel tables."""
+        no_decay = {"cls_token", "mask_token", "channel_embed", "dec_channel_embed"}
+        decay = lambda n, p: p.ndim >= 2 and n not in no_decay
+        return [{"params": [p for n, p in self.named_parameters() if decay(n, p)], "weight_decay": weight_decay},
+                {"params": [p for n, p in self.named_parameters() if not decay(n, p)], "weight_decay": 0.0}]
+
+
+def build(config: MAEConfig, device="cpu", verbose=True):
+    """Build on the meta device, then materialize: no time or memory spent on a throwaway init."""
+    with torch.device("meta"):
+        model = MAE(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    if verbose:
+        print(f"MAE: encoder {model.num_params() / 1e6:.1f}M params, total {model.num_params(False) / 1e6:.1f}M")
+    return model
+
+
+if __name__ == "__main__":
+    # python model.py: every preset's size and cost, built on the meta device (no memory used)
+    print(f"{'preset':8} {'tokens':>7} {'encoder':>9} {'total':>9} {'train GFLOP/crop':>17} {'embed GFLOP/crop':>17}")
+    for name in PRESETS:
+        for ca in (False, True):
+            if ca and PRESETS[name]["patch_size"] == 8:
+                continue  # CA-MAE at patch 8 is 6144 tokens per crop: not a configuration anyone trains
+            with torch.device("meta"):
+                m = MAE(MAEConfig.from_preset(name, channel_agnostic=ca))
+            label = name + ("-ca" if ca else "")
+            print(f"{label:8} {m.tokens_per_crop():7d} {m.num_params() / 1e6:8.1f}M {m.num_params(False) / 1e6:8.1f}M "
+                  f"{m.flops_per_crop() / 1e9:17.1f} {m.flops_per_crop(train=False) / 1e9:17.1f}")

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configurator import configure
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"lr": 1e-4, "max_steps": 100, "preset": "vits16", "betas": (0.9, 0.95), "compile": False}
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    path = tmp_path / "run.py"
+    path.write_text("import math\nlr = 3e-5\nmax_steps = 10 * 1000\npreset = 'vitg8'\n")
+    changed = configure(DEFAULTS, [str(path), "--max_steps=7", "--betas=[0.9, 0.99]", "--compile=True"])
+    assert changed == {"lr": 3e-5, "max_steps": 7, "preset": "vitg8", "betas": (0.9, 0.99), "compile": True}
+
+
+def test_an_int_is_accepted_for_a_float_and_a_bare_word_is_a_string():
+    assert configure(DEFAULTS, ["--lr=1", "--preset=vitl8"]) == {"lr": 1.0, "preset": "vitl8"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning_rate=1e-4"], "--learning_rate=1e-4: unknown setting 'learning_rate'"),
+    (["--max_steps=1e3"], "max_steps must be int like its default 100, got float 1000.0"),
+    (["--compile"], "--compile: write overrides as --key=value"),
+    (["no/such/config.py"], "no/such/config.py: cannot read config file"),
+])
+def test_bad_settings_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("[", r"\[")):
+        configure(DEFAULTS, argv)
+
+
+def test_a_typo_in_a_config_file_names_the_file(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("max_step = 10\n")
+    with pytest.raises(SystemExit, match=f"{path}: unknown setting 'max_step'"):
+        configure(DEFAULTS, [str(path)])
+
+
+def model_config_of(config_file):
+    """What train.py makes of a config file: its settings are parsed at import, before any training."""
+    code = (f"import sys; sys.argv = ['train.py', {config_file!r}]; import train, torch\n"
+            "from model import MAE\n"
+            "with torch.device('meta'): m = MAE(train.model_config)\n"
+            "print(train.lr, train.global_batch, train.optimizer, m.num_params(), train.model_config)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_vitg8_config_is_the_papers_recipe():
+    lr, batch, optimizer, params, config = model_config_of("config/vitg8.py").split(" ", 4)
+    assert (float(lr), int(batch), optimizer) == (3e-5, 8192, "lion")
+    assert 1.80e9 <= int(params) <= 1.90e9
+    for fact in ("patch_size=8", "dim=1664", "depth=48", "drop_path=0.6", "mask_ratio=0.75",
+                 "fourier_weight=0.01", "channel_agnostic=False", "parallel_blocks=True", "qkv_bias=False"):
+        assert fact in config
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.py")))
+def test_every_shipped_config_parses(config_file):
+    assert "MAEConfig(" in model_config_of(f"config/{config_file}")

@@ -1,0 +1,255 @@
+import pytest
+import torch
+import torch._inductor.config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import MAE, PRESETS, MAEConfig, ParallelBlock, SequentialBlock, build, standardize
+
+
+def tiny(**overrides):
+    """A model small enough to train in seconds on a CPU."""
+    base = dict(img_size=32, patch_size=8, in_chans=3, dim=64, depth=4, heads=4, mlp_dim=128,
+                dec_dim=32, dec_depth=2, dec_heads=4, dec_mlp_dim=64, drop_path=0.0)
+    torch.manual_seed(0)
+    return build(MAEConfig(**{**base, **overrides}), verbose=False)
+
+
+def crops(b=4, c=3, size=32, seed=0):
+    return torch.randint(0, 256, (b, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- sizes ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,low,high", [("vits16", 21e6, 23e6), ("vitb16", 85e6, 88e6),
+                                           ("vitl16", 300e6, 310e6), ("vitl8", 300e6, 310e6),
+                                           ("vitg8", 1.80e9, 1.90e9)])
+def test_preset_encoder_parameter_counts(name, low, high):
+    with torch.device("meta"):
+        model = MAE(MAEConfig.from_preset(name))
+    assert low <= model.num_params() <= high
+    assert model.num_params(encoder_only=False) > model.num_params()  # the decoder counts only in the total
+
+
+def test_vitg8_is_the_papers_shape():
+    c = MAEConfig.from_preset("vitg8")
+    assert (c.dim, c.depth, c.heads, c.mlp_dim, c.patch_size) == (1664, 48, 16, 8192, 8)
+    assert c.parallel_blocks and c.qk_norm and not c.qkv_bias
+
+
+def test_flops_formula_matches_torch_flop_counter():
+    for ca in (False, True):
+        model = tiny(channel_agnostic=ca, depth=3)
+        x = crops()
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)[0].backward()  # math SDPA decomposes into matmuls the counter sees
+        assert counter.get_total_flops() == model.flops_per_crop(3) * x.shape[0]
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model.embed(x)
+        assert counter.get_total_flops() == model.flops_per_crop(3, train=False) * x.shape[0]
+
+
+# ---- masking ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [0.75, 0.6, 0.9])
+def test_masking_is_exact_random_per_sample_and_encoder_sees_only_visible(ratio):
+    model = tiny(channel_agnostic=True, mask_ratio=ratio)
+    x = crops(b=8)
+    T = model.tokens_per_crop(3)
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
+    torch.manual_seed(1)
+    _, pred, mask = model(x)
+    assert pred.shape == (8, T, 64) and mask.shape == (8, T)
+    assert (mask.sum(dim=1) == round(ratio * T)).all()
+    assert len({tuple(m.tolist()) for m in mask}) == 8  # a different mask for every sample
+    # the first block gets the class token plus exactly the tokens the mask marks visible (in shuffled order)
+    tokens = model.tokenize(standardize(x))
+    assert seen["h"].shape == (8, 1 + T - round(ratio * T), 64)
+    for i in range(8):
+        distance, source = torch.cdist(seen["h"][i, 1:], tokens[i],
+                                       compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+        assert distance.max() < 1e-4
+        assert sorted(source.tolist()) == (mask[i] == 0).nonzero().flatten().tolist()
+
+
+def test_loss_ignores_visible_patches():
+    model = tiny()
+    target = torch.randn(2, 16, 192)
+    mask = torch.zeros(2, 16)
+    mask[:, :12] = 1
+    pred = target + torch.randn_like(target)
+    pred_changed_on_visible = pred.clone()
+    pred_changed_on_visible[:, 12:] += 5.0
+    assert model.loss(target, pred, mask) == model.loss(target, pred_changed_on_visible, mask)
+
+
+# ---- loss -------------------------------------------------------------------------------------
+
+def test_fourier_loss_zero_for_perfect_reconstruction_positive_otherwise():
+    model = tiny(fourier_weight=1.0)  # the Fourier term alone
+    target = torch.randn(2, 16, 8 * 8 * 3)
+    mask = torch.ones(2, 16)
+    assert model.loss(target, target, mask) == 0
+    assert model.loss(target, target + 0.1 * torch.randn_like(target), mask) > 0
+    # it compares magnitudes only: a circular shift inside each patch keeps |FFT| and costs nothing
+    patches = target.view(2, 16, 8, 8, 3)
+    shifted = patches.roll(shifts=3, dims=2).reshape(2, 16, -1)
+    assert model.loss(target, shifted, mask) < 1e-5
+    assert tiny(fourier_weight=0.0).loss(target, shifted, mask) > 0.5  # while MSE sees the shift
+
+
+def test_overfits_one_batch():
+    """One fixed batch of smooth images with one fixed mask: the loss falls more than 10-fold."""
+    model = tiny(layerscale_init=0.1)
+    coarse = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(coarse, size=32, mode="bicubic")
+    steps = 300
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)  # the same mask every step
+        loss = model(x)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 10
+
+
+# ---- input ------------------------------------------------------------------------------------
+
+def test_self_standardization_handles_every_dtype_and_constant_channels():
+    x = crops(b=2)
+    x[0, 1] = 77  # a constant channel
+    for same in (x, x.to(torch.uint16) * 257, x.float() / 255 * 3.5 + 10):
+        z = standardize(same)
+        assert torch.isfinite(z).all()
+        assert (z[0, 1] == 0).all()
+        torch.testing.assert_close(z, standardize(x), atol=1e-4, rtol=1e-4)
+    z = standardize(x)
+    torch.testing.assert_close(z[1].mean(dim=(-2, -1)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[1].std(dim=(-2, -1), correction=0), torch.ones(3), atol=1e-4, rtol=0)
+    loss, pred, _ = tiny()(x)
+    assert torch.isfinite(loss) and torch.isfinite(pred).all()
+
+
+def test_wrong_input_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="built for 3 channels, got 4"):
+        tiny()(crops(c=4))
+    with pytest.raises(ValueError, match="1 to 11 channels, got 12"):
+        tiny(channel_agnostic=True).embed(crops(c=12))
+    with pytest.raises(ValueError, match=r"expected crops \[B, C, 32, 32\]"):
+        tiny()(crops(size=64))
+
+
+# ---- channel-agnostic -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chans", [1, 3, 6, 11])
+def test_channel_agnostic_model_takes_1_to_11_channels(chans):
+    model = tiny(channel_agnostic=True, in_chans=6)
+    x = crops(b=2, c=chans)
+    loss, pred, mask = model(x)
+    assert torch.isfinite(loss)
+    assert pred.shape == (2, chans * 16, 64) and mask.shape == (2, chans * 16)
+    assert model.embed(x).shape == (1, 2, 64)
+
+
+def test_channel_agnostic_embedding_is_invariant_to_channel_order():
+    model = tiny(channel_agnostic=True, in_chans=6, layerscale_init=0.5).eval()  # blocks far from identity
+    x = crops(b=3, c=6)
+    order = torch.tensor([4, 1, 5, 0, 3, 2])
+    a, b = model.embed(x, blocks=[1, 2, 3, 4]), model.embed(x[:, order], blocks=[1, 2, 3, 4])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # with a learned channel embedding the order matters: the check above can fail
+    with_embed = tiny(channel_agnostic=True, in_chans=6, channel_embed=True, layerscale_init=0.5).eval()
+    assert (with_embed.embed(x) - with_embed.embed(x[:, order])).abs().max() > 1e-3
+
+
+# ---- embeddings and trimming --------------------------------------------------------------------
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_embed_all_blocks_equals_block_by_block(parallel):
+    model = tiny(channel_agnostic=True, parallel_blocks=parallel, layerscale_init=0.5).eval()
+    x = crops()
+    everything = model.embed(x, blocks=range(1, 5))
+    assert everything.shape == (4, 4, 64)
+    h = model.with_cls(model.tokenize(standardize(x)))
+    for i, block in enumerate(model.blocks):
+        h = block(h)
+        torch.testing.assert_close(everything[i], h[:, 1:].mean(dim=1))
+    torch.testing.assert_close(model.embed(x), everything[-1:])
+
+
+def test_trim_then_embed_equals_embed_at_that_block():
+    model = tiny(layerscale_init=0.5).eval()
+    x = crops()
+    at_block_2 = model.embed(x, blocks=[2])
+    model.trim(2)
+    assert len(model.blocks) == 2 and model.config.depth == 2
+    torch.testing.assert_close(model.embed(x), at_block_2)
+    with pytest.raises(ValueError):
+        model.embed(x, blocks=[3])
+
+
+# ---- compile and autocast -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("Block", [ParallelBlock, SequentialBlock])
+def test_compiled_block_matches_eager_without_graph_breaks(Block):
+    torch.manual_seed(0)
+    block = Block(64, 4, 128, qk_norm=True, qkv_bias=True, layerscale_init=0.5).eval()
+    x = torch.randn(2, 17, 64)
+    compiled = torch.compile(block, fullgraph=True)  # fullgraph: a graph break is an error
+    torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_mae_trains_without_graph_breaks(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's RNG, for the same masks
+    model = tiny(channel_agnostic=True)
+    compiled = torch.compile(model, fullgraph=True)
+    x = crops()
+    torch.manual_seed(3)
+    eager_loss = model(x)[0]
+    torch.manual_seed(3)
+    compiled_loss = compiled(x)[0]
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-4, rtol=1e-4)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_runs_under_bf16_autocast():
+    model = tiny(channel_agnostic=True)
+    x = crops()
+    torch.manual_seed(5)
+    fp32 = model(x)[0]
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = model(x)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert abs(loss.item() - fp32.item()) < 0.05 * fp32.item()
+
+
+# ---- construction ----------------------------------------------------------------------------
+
+def test_meta_build_gives_the_same_model_as_eager_build():
+    config = MAEConfig(img_size=32, patch_size=8, in_chans=3, dim=64, depth=2, heads=4, mlp_dim=128,
+                       dec_dim=32, dec_depth=1, dec_heads=4, dec_mlp_dim=64)
+    eager = MAE(config)
+    built = build(config, verbose=False)
+    torch.testing.assert_close(built.pos_embed, eager.pos_embed)
+    torch.testing.assert_close(built.dec_pos_embed, eager.dec_pos_embed)
+    assert built.state_dict().keys() == eager.state_dict().keys()
+    assert "pos_embed" not in built.state_dict()  # fixed tables are never saved
+
+
+def test_no_weight_decay_on_norms_biases_tokens_and_layerscale():
+    model = tiny(channel_agnostic=True, channel_embed=True)
+    decay, no_decay = model.param_groups(0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "patch_embed.weight" in decayed and "blocks.0.in_proj.weight" in decayed
+    assert not any(n.endswith((".bias", "gamma", "token", "channel_embed")) or "norm" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
