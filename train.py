@@ -3,7 +3,7 @@ Pretrain the MAE. Settings are the globals below; a config file and --key=value 
 (any MAEConfig field of model.py may be set too, on top of the chosen preset):
 
     python train.py config/demo.py
-    python train.py config/vitg8.py --batch_size=16
+    python train.py config/vitg8.py --data=/data/phenoprints --batch_size=16
 """
 
 import math
@@ -14,12 +14,15 @@ from dataclasses import fields
 import torch
 
 from configurator import configure
+from data import CropDataset, Loader
 from model import MAEConfig, build
 
 # model
 preset = "vits16"           # a key of model.PRESETS; MAEConfig fields set here override it
-# data: random uint8 crops until data.py provides shards
-crop_chans = 6              # channels per crop
+# data
+data = "data/demo"          # prepared dataset(s) (data.py prepare), comma-separated to mix channel counts
+data_weights = ""           # comma-separated sampling weights, one per dataset; "" = by size
+augment = True              # the 8 flips/rotations of the square
 # optimization
 optimizer = "lion"          # "lion" (the paper's) or "adamw"
 lr = 1e-4                   # peak learning rate
@@ -43,8 +46,7 @@ model_fields = {f.name: f.default for f in fields(MAEConfig)}
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 changed = configure({**settings, **model_fields}, sys.argv[1:])
 globals().update({k: v for k, v in changed.items() if k not in model_fields})
-model_config = MAEConfig.from_preset(preset, in_chans=crop_chans,
-                                     **{k: v for k, v in changed.items() if k in model_fields})
+model_config = MAEConfig.from_preset(preset, **{k: v for k, v in changed.items() if k in model_fields})
 
 
 class Lion(torch.optim.Optimizer):
@@ -84,10 +86,15 @@ def make_optimizer(model):
     raise SystemExit(f"optimizer must be 'lion' or 'adamw', got {optimizer!r}")
 
 
-def random_batch(generator):
-    """Stand-in data: uniformly random uint8 crops."""
-    size = model_config.img_size
-    return torch.randint(0, 256, (batch_size, crop_chans, size, size), dtype=torch.uint8, generator=generator)
+def open_datasets():
+    """The prepared datasets, checked against the model: crop size, and channels for standard tokenization."""
+    datasets = [CropDataset(path) for path in data.split(",")]
+    for d in datasets:
+        if d.meta["crop_size"] != model_config.img_size:
+            raise SystemExit(f"{d.root}: crops are {d.meta['crop_size']} px, the model takes img_size={model_config.img_size}")
+        if not model_config.channel_agnostic and d.channels != model_config.in_chans:
+            raise SystemExit(f"{d.root}: {d.channels} channels, the model takes in_chans={model_config.in_chans}")
+    return datasets
 
 
 if __name__ == "__main__":
@@ -95,18 +102,21 @@ if __name__ == "__main__":
         raise SystemExit(f"global_batch {global_batch} is not a multiple of batch_size {batch_size}")
     accum_steps = global_batch // batch_size
     torch.manual_seed(seed)
+    datasets = open_datasets()
+    weights = [float(w) for w in data_weights.split(",")] if data_weights else None
+    loader = Loader(datasets, batch_size, weights=weights, seed=seed, augment=augment, device=device)
+    crop_chans = datasets[0].channels  # for the FLOPs count
     model = build(model_config, device)
     opt = make_optimizer(model)
     step_model = torch.compile(model) if compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=device.startswith("cuda"))
     flops_per_step = model.flops_per_crop(crop_chans) * global_batch
-    data_rng = torch.Generator().manual_seed(seed)
     for step in range(max_steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         for _ in range(accum_steps):
-            x = random_batch(data_rng).to(device, non_blocking=True)
+            x = next(loader)
             with autocast:
                 loss, _, _ = step_model(x)
             (loss / accum_steps).backward()

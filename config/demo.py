@@ -1,7 +1,9 @@
-# A tiny channel-agnostic MAE that trains on a 2-core CPU in a few minutes: the main job's model.
+# A tiny channel-agnostic MAE that trains on a 2-core CPU in a few minutes on the synthetic screen
+# (python data.py synth --size demo; prepared into 64x64 crops): the main job's model.
 # Not from the paper: the same architecture as CA-MAE-S/16 (parallel blocks, QK-norm, no qkv bias,
 # LayerScale 1e-4, Lion, one-cycle cosine, mask 0.75, Fourier 0.01) shrunk to 64x64 crops.
 preset = "vits16"
+data = "data/demo"
 channel_agnostic = True
 img_size = 64
 patch_size = 8
