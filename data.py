@@ -583,67 +583,67 @@ def dihedral(x, k):
 
 
 class Loader:
-    """Batches of uint8 crops [B, C, H, W], forever, from one or several prepared datasets.
+    """Micro-batches of uint8 crops [B, C, H, W], forever, from one or several prepared datasets.
 
-    Every batch comes from one dataset (so its channel count is uniform); which one is drawn by
-    `weights`. Each dataset is read in epochs: a (seed, dataset, epoch) permutation that the ranks of a
-    torchrun job split into disjoint, equal slices (the remainder is dropped). Everything is a function
-    of (seed, step), so a loader started at `start_step` continues the sample order of an uninterrupted
-    run exactly. A background thread keeps `prefetch` batches ready."""
+    An optimizer step consumes one global batch of B x world_size x accum_steps crops; this rank's
+    micro-batch m of it is slice m * world_size + rank. So the global batch, and each slice, is the same
+    for 1 process accumulating 2 micro-batches as for 2 processes with one each. Every step draws one
+    dataset by `weights` (so channel counts are uniform within a step) and reads it in epochs: a
+    (seed, dataset, epoch) permutation cut into global batches (the remainder is dropped). Everything
+    is a function of (seed, step), so a loader started at `start_step` continues the sample order of
+    an uninterrupted run exactly. A background thread keeps `prefetch` micro-batches ready."""
 
-    def __init__(self, datasets, batch_size, weights=None, rank=0, world_size=1, seed=0, start_step=0,
-                 augment=True, device="cpu", prefetch=4):
-        self.datasets = datasets
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+    def __init__(self, datasets, batch_size, accum_steps=1, weights=None, rank=0, world_size=1, seed=0,
+                 start_step=0, augment=True, device="cpu", prefetch=4):
+        self.datasets, self.batch_size, self.accum_steps = datasets, batch_size, accum_steps
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.global_batch = batch_size * world_size * accum_steps
         self.augment, self.device = augment, torch.device(device)
         for d in datasets:
-            if len(d) // world_size < batch_size:
-                raise SystemExit(f"{d.index_path}: {len(d)} crops cannot fill a batch of {batch_size} "
-                                 f"on each of {world_size} ranks")
+            if len(d) < self.global_batch:
+                raise SystemExit(f"{d.index_path}: {len(d)} crops cannot fill a global batch of {self.global_batch}")
         weights = np.array(weights or [len(d) for d in datasets], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.chooser = np.random.default_rng([seed, 1])
-        self.batches_done = np.bincount(self.choose(start_step), minlength=len(datasets))  # replay the choices
-        self.step = start_step
+        self.steps_done = np.bincount(self.choose(start_step), minlength=len(datasets))  # replay the choices
         self.orders = {}
         self.queue = Queue(maxsize=prefetch)
-        threading.Thread(target=self.produce, daemon=True).start()
+        threading.Thread(target=self.produce, args=(start_step,), daemon=True).start()
 
     def choose(self, n):
         return self.chooser.choice(len(self.datasets), size=n, p=self.weights)
 
-    def rank_order(self, d, epoch):
-        """This rank's crop numbers of dataset d in epoch `epoch`."""
+    def order(self, d, epoch):
         if (d, epoch) not in self.orders:
             self.orders = {k: v for k, v in self.orders.items() if k[0] != d}  # keep one epoch per dataset
-            n = len(self.datasets[d]) // self.world_size * self.world_size
-            permutation = np.random.default_rng([self.seed, d, epoch]).permutation(len(self.datasets[d]))[:n]
-            self.orders[d, epoch] = permutation[self.rank::self.world_size]
+            self.orders[d, epoch] = np.random.default_rng([self.seed, d, epoch]).permutation(len(self.datasets[d]))
         return self.orders[d, epoch]
 
-    def make_batch(self, step):
+    def step_batches(self, step):
+        """This rank's accum_steps micro-batches of optimizer step `step`."""
         d = int(self.choose(1)[0])
-        per_epoch = len(self.datasets[d]) // self.world_size // self.batch_size
-        epoch, j = divmod(int(self.batches_done[d]), per_epoch)
-        self.batches_done[d] += 1
-        ids = self.rank_order(d, epoch)[j * self.batch_size:(j + 1) * self.batch_size]
-        x = torch.from_numpy(self.datasets[d].crops(np.sort(ids)))  # sorted: sequential reads in a shard
-        if self.augment:
-            k = np.random.default_rng([self.seed, 2, step, self.rank]).integers(0, 8, len(x))
-            x = dihedral(x, torch.from_numpy(k))
-        return x.pin_memory() if self.device.type == "cuda" else x
+        epoch, j = divmod(int(self.steps_done[d]), len(self.datasets[d]) // self.global_batch)
+        self.steps_done[d] += 1
+        global_batch = self.order(d, epoch)[j * self.global_batch:(j + 1) * self.global_batch]
+        for m in range(self.accum_steps):
+            part = m * self.world_size + self.rank
+            ids = global_batch[part * self.batch_size:(part + 1) * self.batch_size]
+            x = torch.from_numpy(self.datasets[d].crops(np.sort(ids)))  # sorted: sequential reads in a shard
+            if self.augment:
+                k = np.random.default_rng([self.seed, 2, step, part]).integers(0, 8, len(x))
+                x = dihedral(x, torch.from_numpy(k))
+            yield x.pin_memory() if self.device.type == "cuda" else x
 
-    def produce(self):
-        step = self.step
+    def produce(self, step):
         while True:
-            self.queue.put(self.make_batch(step))
+            for x in self.step_batches(step):
+                self.queue.put(x)
             step += 1
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        self.step += 1
         return self.queue.get().to(self.device, non_blocking=True)
 
 

@@ -10,13 +10,18 @@ Shapes: B crops, C channels, H = W = img_size, p = patch_size, N = (H/p)^2 patch
 channel, T tokens (N for standard tokenization, C*N for channel-agnostic), D width.
 """
 
-import math
-from dataclasses import dataclass, asdict, replace
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from einops import rearrange
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -86,6 +91,14 @@ def standardize(x, eps=1e-5):
         x = x.float()
     var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)
     return (x - mean) * torch.rsqrt(var + eps)
+
+
+def assign(param, value):
+    """Copy a full-size value into a parameter; an FSDP2-sharded one (a DTensor) keeps its own shard."""
+    value = value.to(param.device)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
 
 
 def drop_path(x, p, training):
@@ -195,33 +208,31 @@ class MAE(nn.Module):
         # fixed tables are non-persistent buffers: never saved, refilled by init_weights() after to_empty()
         self.register_buffer("pos_embed", torch.empty(self.grid ** 2, c.dim), persistent=False)
         self.register_buffer("dec_pos_embed", torch.empty(self.grid ** 2, c.dec_dim), persistent=False)
+        self.activation_checkpointing = False  # recompute each block in the backward pass to save memory
         if not self.cls_token.is_meta:
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self):
-        """MAE's initialization; also fills the sin-cos tables (call it after to_empty() from meta)."""
+    def init_weights(self, seed=0):
+        """MAE's initialization (xavier for matrices, N(0, 0.02) for tokens and channel tables, LayerScale
+        at its init, norms 1, biases 0); fills the sin-cos tables too (call it after to_empty() from meta).
+        Each parameter is drawn on the CPU from its own generator, so a model built whole, from meta, or
+        sharded by FSDP over any number of ranks starts from the same weights."""
         self.pos_embed.copy_(sincos_2d(self.config.dim, self.grid))
         self.dec_pos_embed.copy_(sincos_2d(self.config.dec_dim, self.grid))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, LayerScale):
-                m.gamma.fill_(self.config.layerscale_init)
-            elif isinstance(m, ParallelBlock):
-                m.mlp_bias.zero_()
-                if m.qkv_bias is not None:
-                    m.qkv_bias.zero_()
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.config.dim, -1))  # as a linear layer
-        nn.init.zeros_(self.patch_embed.bias)
-        for p in (self.cls_token, self.mask_token, self.channel_embed, self.dec_channel_embed):
-            if p is not None:
-                nn.init.normal_(p, std=0.02)
+        tables = ("cls_token", "mask_token", "channel_embed", "dec_channel_embed")
+        for i, (name, p) in enumerate(self.named_parameters()):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            value = torch.zeros(p.shape)
+            if name in tables:
+                nn.init.normal_(value, std=0.02, generator=generator)
+            elif p.ndim >= 2:  # Linear weights, and the patch projection as a linear layer
+                nn.init.xavier_uniform_(value.view(p.shape[0], -1), generator=generator)
+            elif name.endswith("gamma"):
+                value.fill_(self.config.layerscale_init)
+            elif name.endswith(".weight"):  # LayerNorm
+                value.fill_(1.0)
+            assign(p, value)
 
     # ---- tokens -------------------------------------------------------------------------------
 
@@ -242,12 +253,14 @@ class MAE(nn.Module):
         """Standardized crops [B, C, H, W] -> patch tokens with positions [B, T, D] (no class token)."""
         B, C = x.shape[:2]
         if self.config.channel_agnostic:  # channel-major token order: all of channel 0, then channel 1, ...
+            x = x.to(self.patch_embed.weight.dtype)  # bf16 under FSDP mixed precision
             t = self.patch_embed(x.reshape(B * C, 1, *x.shape[2:]))             # [B*C, D, g, g]
             t = rearrange(t, "(b c) d h w -> b c (h w) d", b=B) + self.pos_embed  # same positions per channel
             if self.channel_embed is not None:
                 t = t + self.channel_embed[self.channel_ids(x, channels)][:, None, :]
             return t.flatten(1, 2)                                                 # [B, C*N, D]
-        return rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed  # [B, N, D]
+        t = self.patch_embed(x.to(self.patch_embed.weight.dtype))
+        return rearrange(t, "b d h w -> b (h w) d") + self.pos_embed                # [B, N, D]
 
     def patchify(self, x):
         """The reconstruction target: [B, C, H, W] -> [B, T, p*p*c], in the token order of tokenize()."""
@@ -286,7 +299,7 @@ class MAE(nn.Module):
         tokens, mask, ids_restore = self.random_masking(self.tokenize(x, channels))
         h = self.with_cls(tokens)
         for block in self.blocks:
-            h = block(h)
+            h = checkpoint(block, h, use_reentrant=False) if self.activation_checkpointing else block(h)
         return self.norm(h), mask, ids_restore
 
     def forward_decoder(self, h, ids_restore, x, channels=None):
@@ -304,8 +317,8 @@ class MAE(nn.Module):
             tokens = tokens + self.dec_pos_embed
         h = torch.cat([h[:, :1], tokens], dim=1)
         for block in self.dec_blocks:
-            h = block(h)
-        return self.dec_pred(self.dec_norm(h))[:, 1:]
+            h = checkpoint(block, h, use_reentrant=False) if self.activation_checkpointing else block(h)
+        return self.dec_pred(self.dec_norm(h[:, 1:]))  # the class token predicts nothing
 
     def loss(self, target, pred, mask):
         """(1 - a) * MSE + a * Fourier loss, each averaged over masked patches only.
@@ -379,8 +392,8 @@ class MAE(nn.Module):
             return patch + 2 * linear_weights(self.blocks) * Te + 4 * len(self.blocks) * c.dim * Te ** 2
         Te, Td = T - round(c.mask_ratio * T) + 1, T + 1  # visible + class token; all + class token
         enc = 2 * linear_weights(self.blocks) * Te + 4 * len(self.blocks) * c.dim * Te ** 2
-        dec = 2 * linear_weights([self.dec_embed]) * Te + 2 * linear_weights([self.dec_blocks, self.dec_pred]) * Td \
-            + 4 * len(self.dec_blocks) * c.dec_dim * Td ** 2
+        dec = 2 * linear_weights([self.dec_embed]) * Te + 2 * linear_weights([self.dec_blocks]) * Td \
+            + 2 * linear_weights([self.dec_pred]) * T + 4 * len(self.dec_blocks) * c.dec_dim * Td ** 2
         return 2 * patch + 3 * (enc + dec)
 
     def param_groups(self, weight_decay):
@@ -389,6 +402,34 @@ class MAE(nn.Module):
         decay = lambda n, p: p.ndim >= 2 and n not in no_decay
         return [{"params": [p for n, p in self.named_parameters() if decay(n, p)], "weight_decay": weight_decay},
                 {"params": [p for n, p in self.named_parameters() if not decay(n, p)], "weight_decay": 0.0}]
+
+
+def save_consolidated(path, config, state_dict, **extra):
+    """One file for inference: {"config", "model", ...extra}, plain tensors and builtins (loads with
+    weights_only=True), written under a temporary name and renamed when complete."""
+    tmp = Path(f"{path}.tmp")
+    torch.save({"config": asdict(config), "model": state_dict, **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def from_pretrained(path, device="cpu"):
+    """Load this project's checkpoints: a consolidated file (model.pt, written at the end of training)
+    or a training checkpoint directory (torch.distributed.checkpoint, written by any number of ranks:
+    it is consolidated here, in one process)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "train.json").exists():
+            raise SystemExit(f"{path}: not a training checkpoint (no train.json)")
+        model = build(MAEConfig(**json.loads((path / "train.json").read_text())["model_config"]), device, verbose=False)
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=path)
+    else:
+        if not path.exists():
+            raise SystemExit(f"{path}: no such checkpoint")
+        state = torch.load(path, map_location=device, weights_only=True)
+        model = build(MAEConfig(**state["config"]), device, verbose=False)
+    model.load_state_dict(state["model"])
+    return model
 
 
 def build(config: MAEConfig, device="cpu", verbose=True):

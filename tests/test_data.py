@@ -194,6 +194,15 @@ def test_loader_resumes_the_same_sample_order(prepared):
         assert torch.equal(next(resumed), expected)
 
 
+def test_one_process_accumulating_sees_what_two_processes_see(prepared):
+    datasets = [CropDataset(prepared[0]), CropDataset(prepared[1])]
+    one = Loader(datasets, batch_size=4, accum_steps=2, seed=5)
+    ranks = [Loader(datasets, batch_size=4, world_size=2, rank=r, seed=5) for r in (0, 1)]
+    for _ in range(6):  # 6 optimizer steps, augmentation included
+        assert torch.equal(next(one), next(ranks[0]))
+        assert torch.equal(next(one), next(ranks[1]))
+
+
 def test_mixed_channel_counts_give_homogeneous_batches_by_weight(prepared):
     datasets = [CropDataset(prepared[0]), CropDataset(prepared[1])]
     loader = Loader(datasets, batch_size=4, weights=[3, 1], seed=0)
