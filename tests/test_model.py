@@ -99,6 +99,15 @@ def test_fourier_loss_zero_for_perfect_reconstruction_positive_otherwise():
     assert tiny(fourier_weight=0.0).loss(target, shifted, mask) > 0.5  # while MSE sees the shift
 
 
+@pytest.mark.parametrize("patch", [8, 7])
+def test_fourier_loss_is_the_mean_distance_of_full_fft_magnitudes(patch):
+    model = tiny(patch_size=patch, img_size=4 * patch)
+    target, pred = torch.randn(2, 16, patch * patch * 3), torch.randn(2, 16, patch * patch * 3)
+    spectrum = lambda t: torch.fft.fft2(t.view(2, 16, patch, patch, 3).permute(0, 1, 4, 2, 3)).abs()
+    direct = (spectrum(pred) - spectrum(target)).abs().flatten(2).mean(dim=-1)
+    torch.testing.assert_close(model.fourier_loss(target, pred), direct, rtol=1e-5, atol=1e-5)
+
+
 def test_overfits_one_batch():
     """One fixed batch of smooth images with one fixed mask: the loss falls more than 10-fold."""
     model = tiny(layerscale_init=0.1)

@@ -1,0 +1,145 @@
+"""
+Training speed, printed as figures.
+
+    python bench.py                                   # CPU: our step vs Hugging Face ViTMAE, vits16
+    python bench.py --presets vits16,vitl8,vitg8 --parallel fsdp --activation_checkpointing --compile blocks
+
+1. The step of our MAE against `transformers`' ViTMAEForPreTraining (the MAE users reach for
+   today; an optional, benchmark-only dependency) at the same size and standard tokenization, random
+   weights, one process, same batch, measured in this run: their time / our time. Twice: as the
+   paper trains it (parallel blocks, QK-norm, LayerScale, MSE + Fourier loss), and in HF's form
+   (sequential blocks, MSE only), which does the same work as theirs.
+2. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
+   tokens/s, MFU and peak memory, read from its log.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data import random_dataset
+from model import MAEConfig, build
+
+ROOT = Path(__file__).resolve().parent
+PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak_flops():
+    """bf16 dense peak of this GPU from the table above (None on a CPU or an unknown GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_FLOPS.items() if key.replace(" ", "") in name.replace(" ", "")), None)
+
+
+def hf_model(config):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    return ViTMAEForPreTraining(ViTMAEConfig(
+        hidden_size=config.dim, num_hidden_layers=config.depth, num_attention_heads=config.heads,
+        intermediate_size=config.mlp_dim, image_size=config.img_size, patch_size=config.patch_size,
+        num_channels=config.in_chans, decoder_hidden_size=config.dec_dim, decoder_num_hidden_layers=config.dec_depth,
+        decoder_num_attention_heads=config.dec_heads, decoder_intermediate_size=config.dec_mlp_dim,
+        mask_ratio=config.mask_ratio, attn_implementation="sdpa"))
+
+
+def seconds_per_step(contenders, steps, device, dtype):
+    """Median wall time of forward + backward + AdamW step for each (model, loss_of, x), after two
+    warm-up steps. The contenders take turns, one step each per round, so drift in the machine's
+    speed lands on all of them alike."""
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    optimizers = {name: torch.optim.AdamW(model.to(device).train().parameters(), lr=1e-4, fused=device == "cuda")
+                  for name, (model, _, _) in contenders.items()}
+    times = {name: [] for name in contenders}
+    for _ in range(steps + 2):
+        for name, (model, loss_of, x) in contenders.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with autocast:
+                loss = loss_of(model, x)
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t[2:])[len(t[2:]) // 2] for name, t in times.items()}
+
+
+def compare_with_hf(preset, batch_size, steps, device, dtype, compile):
+    config = MAEConfig.from_preset(preset, channel_agnostic=False, drop_path=0.0)
+    x = torch.randint(0, 256, (batch_size, config.in_chans, config.img_size, config.img_size), dtype=torch.uint8).to(device)
+    ours = build(config, verbose=False)
+    ours_as_hf = build(MAEConfig.from_preset(preset, channel_agnostic=False, drop_path=0.0, parallel_blocks=False,
+                                             qk_norm=False, qkv_bias=True, layerscale_init=0.0, fourier_weight=0.0),
+                       verbose=False)
+    if compile:
+        ours.compile()
+        ours_as_hf.compile()
+    ours_loss = lambda model, x: model(x)[0]
+    hf_loss = lambda model, x: model(pixel_values=x).loss
+    results = seconds_per_step({
+        "ours (paper blocks)": (ours, ours_loss, x),
+        "ours (HF's blocks, MSE)": (ours_as_hf, ours_loss, x),
+        # HF takes float pixels and does not standardize them; ours does it inside the model
+        "transformers ViTMAE": (hf_model(config), hf_loss, x.float() / 255),
+    }, steps, device, dtype)
+    reference = results["transformers ViTMAE"]
+    print(f"\n{preset}, standard tokenization, batch {batch_size}, {device} {dtype}, compile {compile}, median of {steps} steps")
+    print(f"{'model':24} {'s/step':>8} {'crops/s':>8} {'speed vs transformers':>22}")
+    for name, seconds in results.items():
+        print(f"{name:24} {seconds:8.3f} {batch_size / seconds:8.1f} {reference / seconds:21.2f}x")
+
+
+def train_figures(presets, parallel, steps, batch_size, extra):
+    """Run train.py per preset on random 256x256x6 crops; print its throughput from the log."""
+    with tempfile.TemporaryDirectory() as tmp:
+        crops = random_dataset(Path(tmp) / "random", crops=max(2048, 2 * batch_size))
+        peak = device_peak_flops()
+        print(f"\ntrain.py, {parallel}, {steps} steps, batch {batch_size}, {torch.cuda.get_device_name() if peak else 'cpu'}"
+              f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16)")
+        print(f"{'preset':8} {'steps/s':>8} {'crops/s':>8} {'tokens/s':>10} {'MFU':>6} {'memory GiB':>11}")
+        for preset in presets:
+            out = Path(tmp) / preset
+            args = [f"--preset={preset}", "--channel_agnostic=False", f"--data={crops}", f"--out_dir={out}",
+                    f"--max_steps={steps}", f"--batch_size={batch_size}", f"--global_batch={batch_size}",
+                    f"--parallel={parallel}", "--log_interval=1", "--log_file=log.jsonl", f"--ckpt_interval={10 ** 9}",
+                    f"--peak_flops={peak or 1.0}"] + extra
+            launcher = [sys.executable] if parallel == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+            run = subprocess.run(launcher + [str(ROOT / "train.py")] + args, capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"{preset:8} failed: {run.stderr.strip().splitlines()[-1]}")
+                continue
+            log = [json.loads(line) for line in open(out / "log.jsonl")][2:]  # the first steps compile and warm up
+            dt = sorted(r["dt"] for r in log)[len(log) // 2]
+            r = log[-1]
+            mfu = f"{r['mfu'] * 100:5.1f}%" if peak else "    -"
+            print(f"{preset:8} {1 / dt:8.2f} {batch_size / dt:8.1f} {r['tokens_per_s'] * r['dt'] / dt:10.0f} {mfu:>6} {r['memory_gib']:11.1f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="vits16")
+    parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", default="none", choices=["none", "blocks", "model"])
+    parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument("--skip_hf", action="store_true", help="only the train.py figures")
+    parser.add_argument("--skip_train", action="store_true", help="only the comparison with transformers")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
+    if not args.skip_hf:
+        for preset in args.presets.split(","):
+            compare_with_hf(preset, args.batch_size, args.steps, device, dtype, args.compile != "none")
+    extra = [f"--compile={args.compile}", f"--activation_checkpointing={args.activation_checkpointing}"]
+    if not args.skip_train:
+        train_figures(args.presets.split(","), args.parallel, args.steps + 3, args.batch_size, extra)
