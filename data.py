@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
@@ -486,15 +486,14 @@ def prepare(images, metadata, out, pattern="{plate}/{well}_s{site}.tif", channel
     todo = [job for job in jobs if job[1] not in manifests]
     if len(todo) < len(jobs):
         print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
-    with Pool(workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        futures = [pool.submit(prepare_shard, job) for job in todo]
         try:
-            for manifest in tqdm(pool.imap_unordered(prepare_shard, todo), total=len(todo), desc="prepare", unit="shard"):
+            for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", unit="shard"):
+                manifest = future.result()
                 manifests[manifest["shard"]] = manifest
         except BadImage as e:
-            pool.terminate()
-            pool.join()
-            for unfinished in out.glob("*.tmp"):  # what the stopped workers were writing
-                unfinished.unlink()
+            pool.shutdown(cancel_futures=True)  # shards already being written finish, and are kept
             raise SystemExit(f"{e} (finished shards are kept: fix the file or pass --on-error skip, then rerun)")
     columns = list(rows[0])
     index = []
