@@ -24,7 +24,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp

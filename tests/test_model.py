@@ -4,7 +4,7 @@ import torch._inductor.config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MAE, PRESETS, MAEConfig, ParallelBlock, SequentialBlock, build, standardize
+from model import MAE, MAEConfig, ParallelBlock, SequentialBlock, build, standardize
 
 
 def tiny(**overrides):
