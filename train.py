@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from configurator import configure
-from data import CropDataset, Loader
+from data import CropDataset, Loader, write_atomic
 from model import MAE, MAEConfig, save_consolidated, standardize
 
 # model
@@ -127,7 +127,7 @@ def open_datasets():
     return datasets
 
 
-def parallelize(model, world_size):
+def parallelize(model):
     """Activation checkpointing -> compile -> shard, in torchtitan's order; the model is still on meta."""
     model.activation_checkpointing = activation_checkpointing
     blocks = list(model.blocks) + list(model.dec_blocks)
@@ -135,8 +135,7 @@ def parallelize(model, world_size):
         for block in blocks:
             block.compile()  # in place: parameter names stay clean
     if parallel == "fsdp":
-        low = getattr(torch, dtype)
-        mixed = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low != torch.float32 else MixedPrecisionPolicy()
+        mixed = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
         for block in blocks:
             fully_shard(block, mp_policy=mixed)
         fully_shard(model, mp_policy=mixed)
@@ -152,7 +151,7 @@ def latest_checkpoint():
     return Path(out_dir) / pointer.read_text().strip() if pointer.exists() else None
 
 
-def save_checkpoint(model, opt, step, rank):
+def save_checkpoint(model, opt, step, rank, world_size):
     """out_dir/ckpt_STEP/: sharded model + optimizer (each rank writes its part) and train.json (step,
     configs). Written as ckpt_STEP.tmp/ and renamed when complete; then `latest` points to it."""
     name = f"ckpt_{step:07d}"
@@ -163,11 +162,10 @@ def save_checkpoint(model, opt, step, rank):
     model_state, optim_state = get_state_dict(model, opt)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if rank == 0:
-        info = dict(step=step, model_config=asdict(model_config), settings=settings, world_size=world())
+        info = dict(step=step, model_config=asdict(model_config), settings=settings, world_size=world_size)
         (tmp / "train.json").write_text(json.dumps(info, indent=1))
         os.replace(tmp, Path(out_dir) / name)
-        (Path(out_dir) / "latest.tmp").write_text(name)
-        os.replace(Path(out_dir) / "latest.tmp", Path(out_dir) / "latest")
+        write_atomic(Path(out_dir) / "latest", lambda f: f.write(name.encode()))
         for old in sorted(Path(out_dir).glob("ckpt_???????"))[:-keep_ckpts]:
             shutil.rmtree(old)
     barrier()
@@ -190,10 +188,6 @@ def export(model, step, rank):
 
 
 # ---- logs -----------------------------------------------------------------------------------------
-
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
 
 def barrier():
     if dist.is_initialized():
@@ -248,7 +242,7 @@ def main():
     datasets = open_datasets()
     with torch.device("meta"):  # build on meta, parallelize, then materialize: no throwaway full-size init
         model = MAE(model_config)
-    model = parallelize(model, world_size)
+    model = parallelize(model)
     model.to_empty(device=device)
     model.init_weights(seed)  # identical weights whatever the sharding: each parameter has its own generator
     if rank == 0:
@@ -256,11 +250,11 @@ def main():
               f"{parallel} on {world_size} x {device} | micro-batch {batch_size} x {accum_steps} accumulation")
     step_model = DistributedDataParallel(model) if parallel == "ddp" else model
     opt = make_optimizer(model)
-    start = 0
-    if latest_checkpoint():
-        start = load_checkpoint(model, opt, latest_checkpoint())
+    start, resume_from = 0, latest_checkpoint()
+    if resume_from:
+        start = load_checkpoint(model, opt, resume_from)
         if rank == 0:
-            print(f"resumed from {latest_checkpoint()} at step {start}")
+            print(f"resumed from {resume_from} at step {start}")
     weights = [float(w) for w in data_weights.split(",")] if data_weights else None
     loader = Loader(datasets, batch_size, accum_steps, weights=weights, rank=rank, world_size=world_size,
                     seed=seed, start_step=start, augment=augment, device=device)
@@ -292,7 +286,8 @@ def main():
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         # one sync per optimizer step: gradients are already reduced, so every rank decides alike
-        if not math.isfinite(grad_norm.item()):
+        grad_norm = grad_norm.item()
+        if not math.isfinite(grad_norm):
             bad_steps += 1
             opt.zero_grad(set_to_none=True)
             if rank == 0:
@@ -311,7 +306,7 @@ def main():
             loss_value = loss_sum.item() / accum_steps
             dt = (time.perf_counter() - last_log[1]) / (done - last_log[0])  # seconds per step since the last log
             memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else 0.0
-            record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm.item(), dt=dt,
+            record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm, dt=dt,
                           crops_per_s=global_batch / dt, tokens_per_s=global_batch * model.tokens_per_crop(crop_chans) / dt,
                           mfu=flops_per_step / dt / peak_flops, memory_gib=memory)
             if rank == 0:
@@ -325,7 +320,7 @@ def main():
         if snapshot_interval and done % snapshot_interval == 0:
             snapshot(model, x, done, write=rank == 0)  # every rank computes: FSDP gathers weights collectively
         if done % ckpt_interval == 0 or done == max_steps:
-            save_checkpoint(model, opt, done, rank)
+            save_checkpoint(model, opt, done, rank, world_size)
     export(model, max_steps, rank)
     if distributed:
         dist.destroy_process_group()
