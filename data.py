@@ -65,7 +65,6 @@ def read_csv(path):
 # ---- annotation tables (shipped by the efaar-benchmarking package on PyPI) -------------------------
 
 ANNOTATION_PACKAGE = "efaar-benchmarking==1.0"
-ANNOTATION_SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
 
 
 def annotations_dir(cache=None):
@@ -554,9 +553,6 @@ class CropDataset:
     @property
     def channels(self):
         return len(self.meta["channels"])
-
-    def column(self, name):
-        return read_index(self.index_path, [name])[name]
 
     def crops(self, ids):
         """uint8 [len(ids), C, H, W] for crop numbers ids."""
