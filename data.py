@@ -80,10 +80,12 @@ def annotations_dir(cache=None):
             return None
         unpacked = Path(tmp) / "annotations"
         unpacked.mkdir()
-        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
-            for name in wheel.namelist():
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
                 if "/benchmark_annotations/" in name:
-                    (unpacked / Path(name).name).write_bytes(wheel.read(name))
+                    (unpacked / Path(name).name).write_bytes(archive.read(name))
+        os.replace(wheel, cache.parent / wheel.name)  # kept: bench.py and the tests compare with its code
         os.replace(unpacked, cache)  # LICENSE appears with the rest or not at all
     print(f"annotation tables from {ANNOTATION_PACKAGE} in {cache}; licenses: {cache / 'LICENSE'}")
     return cache
@@ -128,7 +130,7 @@ FEATURES = ("cell_size", "nucleus_fraction", "elongation", "density", "dna_speck
             "mito_grain", "mito_perinuclear")
 
 SYNTH_SIZES = {  # wells per experiment = genes + 4 concentrations per compound + controls
-    "tests": dict(complexes=4, null_genes=8, compounds=2, experiments=2, controls_per_plate=8,
+    "tests": dict(complexes=4, null_genes=8, compounds=2, experiments=2, controls_per_plate=24,
                   image_size=64, sites=1, cell_radius=7.0),
     "demo": dict(complexes=16, null_genes=48, compounds=4, experiments=4, controls_per_plate=12,
                  image_size=128, sites=1, cell_radius=9.0),
@@ -266,7 +268,9 @@ def plate_effects(rng, size):
 
 def synth(out, size="demo", seed=0, annotations="auto"):
     """Write a synthetic screen: images/{plate}/{well}_s{site}.tif (uint16 [6, S, S]), metadata.csv,
-    and truth.json (each gene's complex and planted phenotype, each compound's target)."""
+    truth.json (each gene's complex and planted phenotype, each compound's target), and the inputs
+    evaluate.py takes: null_genes.txt (genes planted without effect, like unexpressed genes) and
+    compound_activity.csv (each compound's target and potency)."""
     out = Path(out)
     annotations = annotations_dir() if annotations == "auto" else annotations
     if annotations is None:
@@ -301,6 +305,9 @@ def synth(out, size="demo", seed=0, annotations="auto"):
         annotations=str(annotations) if annotations else "builtin",
         genes={g: dict(complex=groups[g], effect=effects[g].round(4).tolist()) for g in sorted(effects)},
         compounds=compounds))
+    write_atomic(out / "null_genes.txt", lambda f: f.write("".join(f"{g}\n" for g in sorted(effects) if not groups[g]).encode()))
+    write_csv(out / "compound_activity.csv", ["compound", "gene", "activity_um"],
+              [[c, v["target"], v["ic50_um"]] for c, v in compounds.items()])
     print(f"wrote {len(rows)} images of {len(effects)} genes, {len(compounds)} compounds, "
           f"{len(plates)} plates to {out}")
     return out

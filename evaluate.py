@@ -1,0 +1,778 @@
+"""
+Genome-scale benchmarks of a map of biology, the EFAAR way: Embed, Filter, Align, Aggregate, Relate.
+
+    python evaluate.py --ckpt out/demo/model.pt --data data/demo --out out/eval            # embed with a model
+    python evaluate.py --embeddings E.npy --metadata wells.csv --out out/eval             # embeddings made elsewhere
+
+Embed: crops -> well means (one model pass, bf16 on a GPU). Filter: drop wells by metadata. Align: per
+batch (plate or experiment) on the control wells: center-scale, PCA + center-scale, or TVN. Aggregate:
+wells -> perturbations. Relate: cosine similarity. Benchmarks: known-relationship recall (CORUM, hu.MAP,
+Reactome, SIGNOR, StringDB; numbers identical to efaar-benchmarking's known_relationship_benchmark),
+replicate consistency, compound-gene activity, CORUM cluster separation. Writes report.json, report.md.
+"""
+
+import argparse
+import functools
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import model as mae
+
+SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
+THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
+WELL_KEY = ("plate", "well")
+NOT_METADATA = {"shard", "offset", "source", "tile_y", "tile_x", "site"}  # per-crop columns of index.csv
+
+
+# ---- Embed: crops -> wells ------------------------------------------------------------------------
+
+def well_table(dataset):
+    """Per crop its well number, and per well its metadata (from index.csv; crops of a well agree)."""
+    rows = data.read_csv(dataset.index_path)
+    keys = [tuple(r[k] for k in WELL_KEY) for r in rows]
+    wells, first, well_of_crop = np.unique(np.array(keys, dtype=str), axis=0, return_index=True, return_inverse=True)
+    columns = [c for c in rows[0] if c not in NOT_METADATA]
+    return well_of_crop.reshape(-1), [{c: rows[i][c] for c in columns} for i in first]
+
+
+@torch.no_grad()
+def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu"):
+    """Average encode(crops) -> [K, B, D] (e.g. model.embed(x, blocks): K blocks from ONE pass) over
+    each well's crops. Written as float16 [K, wells, D] to out_path (memory-mappable, under a temporary
+    name until complete): only one batch of crops and one partial well are ever in memory. Returns the
+    memory map and the wells' metadata rows."""
+    well_of_crop, wells = well_table(dataset)
+    order = np.argsort(well_of_crop, kind="stable")   # crops of a well are consecutive
+    counts = np.bincount(well_of_crop)
+    ends = np.cumsum(counts)                           # position in `order` after each well's last crop
+    device = torch.device(device)
+    tmp, out = Path(f"{out_path}.tmp.npy"), None
+    carry = None                                       # (well, summed embeddings [K, D]) of a well cut by a batch
+    for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch"):
+        ids = order[start:start + batch_size]
+        x = torch.from_numpy(dataset.crops(ids)).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            z = encode(x).float()                      # [K, B, D]
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, "w+", np.float16, (z.shape[0], len(wells), z.shape[2]))
+        w = torch.from_numpy(well_of_crop[ids])
+        first = int(w[0])
+        sums = torch.zeros(z.shape[0], int(w[-1]) - first + 1, z.shape[2], device=device)
+        sums.index_add_(1, (w - first).to(device), z)
+        if carry is not None and carry[0] == first:
+            sums[:, 0] += carry[1]
+        done = sums.shape[1] - int(ends[int(w[-1])] > start + len(ids))  # is the last well complete?
+        means = sums[:, :done] / torch.from_numpy(counts[first:first + done]).to(device)[None, :, None]
+        out[:, first:first + done] = means.half().cpu().numpy()
+        carry = (first + done, sums[:, done]) if done < sums.shape[1] else None
+    out.flush()
+    del out
+    tmp.replace(out_path)
+    return np.load(out_path, mmap_mode="r"), wells
+
+
+# ---- Align: per batch, on the control wells -----------------------------------------------------
+
+def center_scale(x, reference):
+    """(x - mean) / std with the statistics of `reference` (biased std). A column whose std is below
+    1e-6 (constant, or after the PCA a direction the controls do not span) is centered, not scaled."""
+    mean, std = reference.mean(0), reference.std(0)
+    return (x - mean) / np.where(std < 1e-6, 1.0, std)
+
+
+def inverse_sqrt(cov):
+    values, vectors = np.linalg.eigh(cov)
+    return (vectors / np.sqrt(values)) @ vectors.T
+
+
+def align(features, batches, is_control, method, out_path, pca_dims=None):
+    """Align wells batch by batch on their controls, streaming: features is [wells, D] (a memory map is
+    fine); the result is written to out_path as float32 [wells, D'] and returned memory-mapped.
+    pca_dims: principal axes kept, a count, a fraction of the controls' variance (0.99), or None (all).
+
+    centerscale      per batch: center and scale every feature on the batch's control wells
+    pca_centerscale  centerscale, rotate onto the principal axes of all control wells, centerscale
+    tvn              pca_centerscale, then per batch whiten by (Cov_controls + 0.5 I)^(-1/2)
+                     (Cov with ddof=1), as efaar-benchmarking's tvn_on_controls. Two differences:
+                     its center-scale steps are global, here they are per batch, which also
+                     removes additive batch offsets that whitening alone leaves; and with fewer
+                     control wells than dimensions its PCA drops the directions the controls do
+                     not span (often where the biology is), here pca_dims decides. Scaling every
+                     axis to unit control variance amplifies the faint ones: with few controls or
+                     redundant features (hand-crafted ones) keep 99% of the variance, not all.
+    none             copy
+
+    Two passes over the controls (statistics, then the PCA covariance), one over all wells, one batch
+    in memory at a time."""
+    if method not in ("none", "centerscale", "pca_centerscale", "tvn"):
+        raise ValueError(f"unknown alignment {method!r}")
+    batch_names, batch_of = np.unique(batches, return_inverse=True)
+    members = [np.flatnonzero(batch_of == b) for b in range(len(batch_names))]
+    controls = [m[is_control[m]] for m in members]
+    for name, c in zip(batch_names, controls):
+        if method != "none" and len(c) < 2:
+            raise SystemExit(f"batch {name}: {len(c)} control well(s); alignment needs at least 2 per batch")
+    read = lambda ids: np.asarray(features[ids], np.float64)
+    rotation = None
+    if method in ("pca_centerscale", "tvn"):  # PCA on the center-scaled controls of all batches
+        d = features.shape[1]
+        scatter, n = np.zeros((d, d)), 0
+        for c in controls:
+            z = center_scale(read(c), read(c))
+            scatter += z.T @ z
+            n += len(z)
+        values, vectors = np.linalg.eigh(scatter / (n - 1))
+        values, vectors = values[::-1], vectors[:, ::-1]  # principal axes, largest variance first
+        if isinstance(pca_dims, float):
+            pca_dims = int(np.searchsorted(np.cumsum(values) / values.sum(), pca_dims)) + 1
+        rotation = vectors[:, :pca_dims]
+    dims = features.shape[1] if rotation is None else rotation.shape[1]
+    out = np.lib.format.open_memmap(Path(f"{out_path}.tmp.npy"), "w+", np.float32, (len(features), dims))
+    for ids, c in zip(members, tqdm(controls, desc=f"align ({method})", unit="batch")):
+        x, ctrl = read(ids), np.isin(ids, c)
+        if method != "none":
+            x = center_scale(x, x[ctrl])
+        if rotation is not None:
+            x = center_scale(x @ rotation, (x @ rotation)[ctrl])
+        if method == "tvn":
+            x = x @ inverse_sqrt(np.cov(x[ctrl], rowvar=False, ddof=1) + 0.5 * np.eye(x.shape[1]))
+        out[ids] = x
+    out.flush()
+    del out
+    Path(f"{out_path}.tmp.npy").replace(out_path)
+    return np.load(out_path, mmap_mode="r")
+
+
+def chromosome_arm_correction(features, labels, arm_of):
+    """Proximity-bias correction for CRISPR maps: subtract from each gene the mean of the genes on its
+    chromosome arm (arm_of: {gene: arm}; genes without an arm are left as they are)."""
+    features = np.array(features, np.float64)
+    arms = np.array([arm_of.get(g, "") for g in labels])
+    for arm in set(arms) - {""}:
+        on_arm = arms == arm
+        features[on_arm] -= features[on_arm].mean(0)
+    return features
+
+
+# ---- Aggregate: wells -> perturbations ----------------------------------------------------------
+
+def aggregate(features, keys, method="mean", chunk=65536):
+    """Mean or median of the rows of each key (streamed over a memory-mapped [wells, D])."""
+    names, group = np.unique(keys, return_inverse=True)
+    if method == "mean":
+        sums = torch.zeros(len(names), features.shape[1], dtype=torch.float64)
+        for s in range(0, len(features), chunk):
+            sums.index_add_(0, torch.from_numpy(group[s:s + chunk]),
+                            torch.from_numpy(np.asarray(features[s:s + chunk], np.float64)))
+        return names, (sums / torch.from_numpy(np.bincount(group))[:, None]).numpy()
+    if method == "median":
+        order = np.argsort(group, kind="stable")
+        bounds = np.cumsum(np.bincount(group))[:-1]
+        return names, np.stack([np.median(np.asarray(features[np.sort(ids)], np.float64), 0)
+                                for ids in np.split(order, bounds)])
+    raise ValueError(f"unknown aggregation {method!r}")
+
+
+# ---- Relate: known-relationship recall ----------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def read_relationships(annotations, source):
+    """Pairs of a source as efaar-benchmarking reads them: each pair sorted, self-pairs and duplicates
+    dropped. Returns two arrays of gene symbols (entity1 < entity2)."""
+    path = Path(annotations) / f"{source}.txt"
+    if not path.exists():
+        raise SystemExit(f"{path}: no such annotation table (sources: {', '.join(SOURCES)})")
+    header, *lines = path.read_text().splitlines()
+    if header != "entity1,entity2" or any(line.count(",") != 1 for line in lines):
+        raise SystemExit(f"{path}: expected two columns entity1,entity2")
+    names, codes = np.unique([line.split(",") for line in lines], return_inverse=True)
+    codes = codes.reshape(-1, 2)  # np.unique sorts by code point, as Python compares strings
+    lo, hi = codes.min(1), codes.max(1)
+    pairs = np.unique(lo[lo != hi] * len(names) + hi[lo != hi])
+    return names[pairs // len(names)], names[pairs % len(names)]
+
+
+def float32_error_bound(d, chunks):
+    """Largest possible |cosine from the float32 pass - cosine in float64| for unit vectors of d dims
+    whose dot products are summed in `chunks` float32 matrix products of k = ceil(d / chunks) dims:
+    rounding the inputs (2u), any order of float32 multiply-adds within a chunk (gamma_k = k u /
+    (1 - k u)), one rounding per chunk added, u = 2^-24; 1% to spare; plus the float64 computation's
+    own error. Chunking cuts the bound, and so the pairs float32 cannot decide, from ~d u to ~(d/chunks
+    + chunks) u."""
+    u, k = 2.0 ** -24, -(-d // chunks)
+    assert k * u < 0.005, "dimension too large for the float32 pass"
+    return 1.01 * (k + chunks + 2) * u + 2 * d * 2.0 ** -53
+
+
+def left_count(threshold, n):
+    """Largest r with r / n <= threshold in float64, as numpy evaluates efaar's percentile ranks."""
+    r = min(max(math.floor(threshold * n), -1), n)
+    while r + 1 <= n and (r + 1) / n <= threshold:
+        r += 1
+    while r >= 0 and r / n > threshold:
+        r -= 1
+    return r
+
+
+def right_count(threshold, n):
+    """Smallest r with r / n >= threshold; n + 1 when there is none."""
+    r = max(min(math.ceil(threshold * n), n + 1), 0)
+    while r - 1 >= 0 and (r - 1) / n >= threshold:
+        r -= 1
+    while r <= n and r / n < threshold:
+        r += 1
+    return r
+
+
+def upper_triangle_blocks(x32, rows, chunks):
+    """Yield (i0, G, valid) with G = x32[i0:i0+rows] @ x32[i0:].T (summed over `chunks` slices of the
+    dimensions, see float32_error_bound), the pairs j <= i set to NaN, and the number of pairs left:
+    every unordered pair exactly once, half the work of the full Gram matrix. Blocks of a few hundred
+    rows keep G in cache while the slices are added."""
+    n, d = x32.shape
+    lower = torch.ones(rows, rows, dtype=torch.bool, device=x32.device).tril()
+    k = -(-d // chunks)
+    for i0 in range(0, n, rows):
+        g = x32[i0:i0 + rows, :k] @ x32[i0:, :k].T
+        for c in range(k, d, k):
+            g.addmm_(x32[i0:i0 + rows, c:c + k], x32[i0:, c:c + k].T)
+        b = g.shape[0]
+        g[:, :b].masked_fill_(lower[:b, :b], float("nan"))
+        yield i0, g, b * (n - i0) - b * (b + 1) // 2
+
+
+def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, sample_rows=128, window=0.005, seed=0):
+    """Exact float64 order statistics of the cosines of all n(n-1)/2 pairs of rows of x64 (unit rows),
+    and the float32 cosines of the query pairs (pair_i < pair_j), from ONE float32 pass over the upper
+    triangle, never holding it.
+
+    A sample of rows locates each rank roughly; the pass counts the pairs below a window around it and
+    keeps the pairs inside. The float32 value t32 of rank r is then exact, and the float64 value is the
+    rank among the pairs within 2e of t32 (e: float32_error_bound), recomputed in float64. Should a
+    window miss its rank (the sample misled), the pass is repeated with wider windows. Returns
+    {rank: t64}, the float32 query cosines, and {flat pair index i*n+j: float64 cosine} of the pairs
+    recomputed in float64."""
+    n, d = x64.shape
+    e = float32_error_bound(d, chunks)
+    x32 = x64.float()
+    rng = np.random.default_rng(seed)
+    sample = torch.from_numpy(np.sort(rng.choice(n, min(n, sample_rows), replace=False))).to(x64.device)
+    s = x32[sample] @ x32.T
+    s[torch.arange(len(sample)), sample] = float("nan")
+    s = s[~s.isnan()]
+    quantile = lambda q: float(s.kthvalue(min(len(s), max(1, round(q * len(s))))).values)
+    pairs_total = n * (n - 1) // 2
+    order = torch.argsort(pair_i)
+    pair_i, pair_j = pair_i[order], pair_j[order]
+    starts = torch.searchsorted(pair_i, torch.arange(0, n + rows, rows, device=x64.device)).tolist()
+    while True:
+        windows = {}
+        for r in ranks:
+            p = r / pairs_total
+            lo = quantile(p - window) - 2 * e if p - window > 0 else -math.inf
+            hi = quantile(p + window) + 2 * e if p + window < 1 else math.inf
+            windows[r] = (lo, hi)
+        left = [r for r in ranks if r <= pairs_total // 2]   # ranks found among the low cosines
+        right = [r for r in ranks if r > pairs_total // 2]
+        below = {r: 0 for r in ranks}
+        kept = {r: [] for r in ranks}
+        query32 = torch.empty(len(pair_i), dtype=torch.float32, device=x64.device)
+        for i0, g, valid in upper_triangle_blocks(x32, rows, chunks):
+            q = slice(starts[i0 // rows], starts[i0 // rows + 1])
+            query32[q] = g[pair_i[q] - i0, pair_j[q] - i0]
+            flat = g.view(-1)
+            for side, tail in ((left, lambda: flat <= max(windows[r][1] for r in left)),
+                               (right, lambda: flat >= min(windows[r][0] for r in right))):
+                if not side:
+                    continue
+                where = tail().nonzero().squeeze(1)  # one scan of the block per side, then only its tail
+                values = flat[where]
+                for r in side:
+                    lo, hi = windows[r]
+                    below[r] += int((values < lo).sum()) if side is left else valid - int((values >= lo).sum())
+                    inside = (values >= lo) & (values <= hi)
+                    at = where[inside]
+                    kept[r].append((values[inside], (at // g.shape[1] + i0) * n + at % g.shape[1] + i0))
+        exact, need = {}, []
+        for r in ranks:
+            values = torch.cat([v for v, _ in kept[r]])
+            flat = torch.cat([f for _, f in kept[r]])
+            k = r - below[r]
+            if not 0 <= k < len(values):
+                break
+            t32 = float(values.kthvalue(k + 1).values)
+            lo, hi = windows[r]
+            if not lo <= t32 - 2 * e and t32 + 2 * e <= hi:
+                break
+            near = (values >= t32 - 2 * e) & (values <= t32 + 2 * e)
+            exact[r] = (below[r] + int((values < t32 - 2 * e).sum()), flat[near])
+            need.append(flat[near])
+        else:
+            flat = torch.cat(need).unique() if need else torch.empty(0, dtype=torch.long, device=x64.device)
+            value_of = dict(zip(flat.tolist(), pair_dots(x64, flat // n, flat % n).tolist()))
+            stats = {r: sorted(value_of[f] for f in candidates.tolist())[r - count_below]
+                     for r, (count_below, candidates) in exact.items()}
+            query32 = torch.empty_like(query32).scatter_(0, order.to(x64.device), query32)
+            return stats, query32, value_of
+        window *= 4
+
+
+def pair_dots(x, i, j):
+    """x[i[k]] . x[j[k]] for every k, without materializing the gathered rows: a sampled matrix product
+    on the sparsity pattern of the pairs (every value summed the same way, in one call)."""
+    order = torch.argsort(i * len(x) + j)
+    i, j = i[order], j[order]
+    rows = torch.searchsorted(i, torch.arange(len(x) + 1, device=x.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(rows, j, x.new_zeros(len(j)), (len(x), len(x)))
+        dots = torch.sparse.sampled_addmm(pattern, x, x.T).values()
+    return torch.empty_like(dots).scatter_(0, order, dots)
+
+
+def unit_rows(features, device="cpu"):
+    """Rows scaled to unit length in float64, as scikit-learn's cosine_similarity does (zero rows stay 0)."""
+    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
+    norm = x.pow(2).sum(1, keepdim=True).sqrt()
+    return x / torch.where(norm < 10 * torch.finfo(torch.float64).eps, 1.0, norm)
+
+
+def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRESHOLDS, annotations_dir=None,
+                              device=None):
+    """Fraction of each source's annotated gene pairs whose cosine lies in the tails of the cosine
+    distribution of ALL pairs of the map: below the left or above the right percentile.
+
+    Same definitions and numbers as efaar-benchmarking's known_relationship_benchmark (pairs
+    undirected and deduplicated, self-pairs dropped, the null every pair of the map in float64,
+    percentile ranks searchsorted-left/right over n(n-1)/2), computed without sorting the null (see
+    cosine_order_statistics). features: [perturbations, d]; labels: their unique gene symbols.
+    Returns {source: {"recall_0.05_0.95": ..., "recall_0.1_0.9": ..., "n_pairs", "n_entities"}};
+    a source with no pair in the map has n_pairs 0 and NaN recalls (the reference omits it)."""
+    labels = np.asarray(labels, dtype=str)
+    if len(set(labels.tolist())) != len(labels):
+        raise ValueError("known_relationship_recall: duplicate labels; aggregate to one row per perturbation first")
+    annotations = Path(annotations_dir) if annotations_dir else data.annotations_dir()
+    if annotations is None:
+        raise SystemExit("annotation tables unavailable: pass annotations_dir (a folder of CORUM.txt, ...)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    x = unit_rows(features, device)
+    n = len(labels)
+    index = {g: i for i, g in enumerate(labels.tolist())}
+    queries = {}
+    for source in sources:
+        e1, e2 = read_relationships(str(annotations), source)
+        ok = np.isin(e1, labels) & np.isin(e2, labels)
+        a = np.array([index[g] for g in e1[ok]], dtype=np.int64)
+        b = np.array([index[g] for g in e2[ok]], dtype=np.int64)
+        queries[source] = (np.minimum(a, b), np.maximum(a, b))
+    pairs_total = n * (n - 1) // 2
+    cuts = {(lt, rt): (left_count(min(lt, rt), pairs_total), right_count(max(lt, rt), pairs_total))
+            for lt, rt in thresholds}
+    ranks = sorted({kl for kl, _ in cuts.values() if 0 <= kl < pairs_total}
+                   | {kr - 1 for _, kr in cuts.values() if 1 <= kr <= pairs_total})
+    pair_i = torch.from_numpy(np.concatenate([q[0] for q in queries.values()] + [np.zeros(0, np.int64)])).to(device)
+    pair_j = torch.from_numpy(np.concatenate([q[1] for q in queries.values()] + [np.zeros(0, np.int64)])).to(device)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the error bound assumes true float32 products
+    try:
+        stats, query32, value_of = cosine_order_statistics(x, ranks, pair_i, pair_j)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    e = float32_error_bound(x.shape[1], 4)
+    q32 = query32.double().cpu().numpy()
+    flat = (pair_i * n + pair_j).cpu().numpy()
+
+    def above(t64):  # is each query's float64 cosine > t64? float32 decides unless within 2e
+        result = q32 > t64
+        unsure = np.flatnonzero(np.abs(q32 - t64) <= 2 * e)
+        result[unsure] = [value_of[f] > t64 for f in flat[unsure]]
+        return result
+
+    def below(t64):
+        result = q32 < t64
+        unsure = np.flatnonzero(np.abs(q32 - t64) <= 2 * e)
+        result[unsure] = [value_of[f] < t64 for f in flat[unsure]]
+        return result
+
+    hits = {}
+    for (lt, rt), (kl, kr) in cuts.items():
+        # count(null <= q) <= kl  <=>  q < s[kl];  count(null < q) >= kr  <=>  q > s[kr - 1]
+        left = np.ones(len(q32), bool) if kl >= pairs_total else (below(stats[kl]) if kl >= 0 else np.zeros(len(q32), bool))
+        right = np.ones(len(q32), bool) if kr <= 0 else (above(stats[kr - 1]) if kr <= pairs_total else np.zeros(len(q32), bool))
+        hits[lt, rt] = left | right
+    results, start = {}, 0
+    for source, (a, b) in queries.items():
+        used = slice(start, start + len(a))
+        start += len(a)
+        results[source] = {f"recall_{min(t)}_{max(t)}": float(hits[t][used].sum() / len(a)) if len(a) else math.nan
+                           for t in cuts}
+        results[source].update(n_pairs=int(len(a)), n_entities=int(len(np.union1d(a, b))))
+    return results
+
+
+# ---- replicate consistency -----------------------------------------------------------------------
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return float(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max())
+
+
+def cvm_statistic(a, b):
+    """Two-sample Cramer-von Mises statistic T (Anderson 1962; scipy's cramervonmises_2samp), with
+    mid-ranks for ties."""
+    n, m = len(a), len(b)
+    both = np.concatenate([a, b])
+    order = np.argsort(both, kind="stable")
+    ranks = np.empty(n + m)
+    ranks[order] = np.arange(1, n + m + 1)
+    values, inverse = np.unique(both, return_inverse=True)  # ties share their mean rank
+    ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    r, s = np.sort(ranks[:n]), np.sort(ranks[n:])
+    u = n * ((r - np.arange(1, n + 1)) ** 2).sum() + m * ((s - np.arange(1, m + 1)) ** 2).sum()
+    return float(u / (n * m * (n + m)) - (4 * m * n - 1) / (6 * (m + n)))
+
+
+def mean_pairwise_cosine(x):
+    """efaar's consistency metric: the mean cosine over the pairs of rows of x (NaN below 2 rows)."""
+    if len(x) < 2:
+        return math.nan
+    u = unit_rows(x)
+    c = (u @ u.T).clamp(-1, 1)
+    return float(c[torch.tril_indices(len(x), len(x), -1).unbind()].mean())
+
+
+def replicate_consistency(features, perturbations, batches, null_perturbations=(), control="non-targeting",
+                          null_groups=1000, pairs=200_000, seed=0):
+    """Are a perturbation's replicate wells more alike than chance?
+
+    Per perturbation (controls and null perturbations excluded), the mean pairwise cosine of its wells,
+    with p = 1 - searchsorted(null, value) / len(null) (efaar-benchmarking's definition): the null is
+    the same metric over the null perturbations (e.g. unexpressed genes) when given, otherwise over
+    random groups of wells of matched size (`null_groups` per size, fixed seed). Also the KS and
+    Cramer-von Mises statistics of replicate-pair vs non-replicate-pair well cosines (up to `pairs`
+    sampled pairs each), over all pairs and over pairs in different batches only."""
+    perturbations, batches = np.asarray(perturbations, str), np.asarray(batches, str)
+    rng = np.random.default_rng(seed)
+    names, group = np.unique(perturbations, return_inverse=True)
+    members = np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1])
+    read = lambda ids: np.asarray(features[np.sort(ids)], np.float64)
+    null_set = set(null_perturbations)
+    tested = [(p, ids) for p, ids in zip(names, members) if p != control and p not in null_set and len(ids) >= 2]
+    if not tested:
+        raise SystemExit("replicate consistency: no perturbation has two or more wells")
+    values = {p: mean_pairwise_cosine(read(ids)) for p, ids in tested}
+    if null_set:
+        null = [mean_pairwise_cosine(read(ids)) for p, ids in zip(names, members) if p in null_set and len(ids) >= 2]
+        null_kind = f"{len(null)} null perturbations"
+    else:
+        pool = np.flatnonzero(perturbations != control)
+        sizes = sorted({len(ids) for _, ids in tested})
+        null = [mean_pairwise_cosine(read(rng.choice(pool, k, replace=False))) for k in sizes for _ in range(null_groups)]
+        null_kind = f"{null_groups} random groups of wells per replicate count"
+    null = np.sort(null)
+    p_values = {p: float(1 - np.searchsorted(null, v) / len(null)) for p, v in values.items()}
+    result = {"n_perturbations": len(values), "null": null_kind,
+              "fraction_p_below_0.01": float(np.mean([v < 0.01 for v in p_values.values()])),
+              "mean_cosine": float(np.mean(list(values.values())))}
+    # replicate pairs vs non-replicate pairs, at the well level
+    rep = np.concatenate([ids[np.stack(np.triu_indices(len(ids), 1), 1)] for _, ids in tested])
+    pool = np.flatnonzero((perturbations != control) & ~np.isin(perturbations, list(null_set)))
+    other = rng.choice(pool, (2 * pairs, 2))
+    other = other[perturbations[other[:, 0]] != perturbations[other[:, 1]]][:pairs]
+    if len(rep) > pairs:
+        rep = rep[rng.choice(len(rep), pairs, replace=False)]
+
+    def cosines(p):
+        u = unit_rows(np.asarray(features[np.sort(np.unique(p))], np.float64))
+        where = np.searchsorted(np.sort(np.unique(p)), p)
+        return (u[where[:, 0]] * u[where[:, 1]]).sum(1).numpy()
+
+    for name, keep in (("", lambda p: np.ones(len(p), bool)), ("_cross_batch", lambda p: batches[p[:, 0]] != batches[p[:, 1]])):
+        r, o = rep[keep(rep)], other[keep(other)]
+        if len(r) and len(o):
+            a, b = cosines(r), cosines(o)
+            result[f"ks{name}"] = ks_statistic(a, b)
+            result[f"cvm{name}"] = cvm_statistic(a, b)
+            result[f"n_replicate_pairs{name}"] = int(len(r))
+    return result, p_values
+
+
+# ---- compound-gene activity ----------------------------------------------------------------------
+
+def average_precision(scores, positive):
+    """Area under the precision-recall step curve, ties handled as one threshold (scikit-learn's
+    average_precision_score)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], positive[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each distinct score
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_auc(scores, positive):
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney with mid-ranks)."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    p, n = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
+
+
+def compound_gene_activity(compound_features, compound_names, gene_features, gene_names, activities,
+                           random_repeats=1000, seed=0):
+    """Does a compound look like the knockout of the genes it acts on?
+
+    Score of (compound, gene) = |cosine| of their embeddings, max over the compound's concentrations
+    (compound_names may repeat, one row per concentration). activities: [(compound, gene, potency in
+    uM)]. Positives: activity <= 1 uM; genes with activity in (1, 10] uM excluded; negatives: genes
+    with no activity <= 10 uM, max(2 x positives, 20) of them drawn with a fixed seed. Per compound:
+    average precision, ROC-AUC, and the z-score of its AP against `random_repeats` random scorings."""
+    gene_index = {g: i for i, g in enumerate(gene_names)}
+    compound_names = np.asarray(compound_names, str)
+    cos = unit_rows(compound_features) @ unit_rows(gene_features).T
+    per_compound = {}
+    for k, c in enumerate(sorted(set(compound_names))):
+        score = cos[compound_names == c].abs().max(0).values.numpy()
+        potency = {}
+        for compound, gene, um in activities:
+            if compound == c and gene in gene_index:
+                potency[gene] = min(potency.get(gene, math.inf), um)
+        positives = [gene_index[g] for g, um in potency.items() if um <= 1]
+        active = {gene_index[g] for g, um in potency.items() if um <= 10}
+        pool = [i for i in range(len(gene_names)) if i not in active]
+        if not positives or not pool:
+            continue
+        rng = np.random.default_rng([seed, k])
+        negatives = rng.choice(pool, min(len(pool), max(2 * len(positives), 20)), replace=False)
+        ids = np.r_[positives, negatives]
+        y = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
+        ap = average_precision(score[ids], y)
+        random_ap = [average_precision(rng.random(len(ids)), y) for _ in range(random_repeats)]
+        per_compound[c] = dict(ap=ap, roc_auc=roc_auc(score[ids], y), random_ap=float(np.mean(random_ap)),
+                               z=float((ap - np.mean(random_ap)) / (np.std(random_ap) + 1e-12)),
+                               positives=len(positives), negatives=len(negatives))
+    if not per_compound:
+        return dict(n_compounds=0), per_compound
+    mean = lambda key: float(np.mean([v[key] for v in per_compound.values()]))
+    return dict(n_compounds=len(per_compound), ap=mean("ap"), roc_auc=mean("roc_auc"),
+                random_ap=mean("random_ap"), z=mean("z")), per_compound
+
+
+# ---- CORUM clusters --------------------------------------------------------------------------------
+
+def cluster_benchmark(features, labels, annotations_dir=None, min_genes=10):
+    """For each CORUM complex with >= min_genes genes in the map: within-complex cosines (each pair once)
+    vs the cosines of its genes to every other gene of the map, and their KS statistic, as
+    efaar-benchmarking's cluster_benchmark."""
+    annotations = Path(annotations_dir) if annotations_dir else data.annotations_dir()
+    labels = np.asarray(labels, str)
+    u = unit_rows(features)
+    clusters = {}
+    for name, genes in data.corum_complexes(annotations).items():
+        inside = np.isin(labels, genes)
+        if inside.sum() < min_genes:
+            continue
+        within = u[inside] @ u[inside].T
+        within = within[tuple(torch.triu_indices(len(within), len(within), 1))].numpy()
+        between = (u[inside] @ u[~inside].T).flatten().numpy()
+        clusters[name] = dict(size=int(inside.sum()), within=float(within.mean()), between=float(between.mean()),
+                              ks=ks_statistic(within, between))
+    if not clusters:
+        return dict(n_clusters=0), clusters
+    mean = lambda key: float(np.mean([v[key] for v in clusters.values()]))
+    return dict(n_clusters=len(clusters), ks=mean("ks"), within=mean("within"), between=mean("between")), clusters
+
+
+# ---- a hand-crafted baseline ------------------------------------------------------------------------
+
+def handcrafted_features(x):
+    """CellProfiler-like statistics of uint8 crops [B, C, H, W] -> [B, 12 C + C(C-1)/2]: per channel the
+    intensity distribution (mean, std, 10/50/90/99th percentiles), texture (gradient and Laplacian
+    energy relative to the spread), spectrum (power in three frequency bands), foreground fraction;
+    and the correlation of every pair of channels (co-localization)."""
+    x = x.float() / 255
+    b, c, h, w = x.shape
+    flat = x.flatten(2)
+    mean, std = flat.mean(-1), flat.std(-1) + 1e-6
+    pct = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9, 0.99]), dim=-1).permute(1, 2, 0)
+    grad = ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((-2, -1)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((-2, -1))) / std
+    lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).std((-2, -1)) / std
+    power = torch.fft.rfft2(x - mean[..., None, None]).abs() ** 2
+    radius = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None] ** 2)
+    bands = torch.stack([power[..., (radius >= lo) & (radius < hi)].sum(-1) for lo, hi in ((0, 0.05), (0.05, 0.15), (0.15, 1))], -1)
+    bands = bands / (bands.sum(-1, keepdim=True) + 1e-12)
+    foreground = (flat > (mean + std)[..., None]).float().mean(-1)
+    z = (flat - mean[..., None]) / std[..., None]
+    corr = torch.einsum("bcn,bdn->bcd", z, z) / (h * w)
+    pairs = torch.triu_indices(c, c, 1)
+    per_channel = torch.cat([mean[..., None], std[..., None], pct, grad[..., None], lap[..., None], bands,
+                             foreground[..., None]], -1)
+    return torch.cat([per_channel.flatten(1), corr[:, pairs[0], pairs[1]]], 1)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------
+
+def read_lines(path):
+    return [line.strip() for line in open(path) if line.strip()] if path else []
+
+
+def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col="plate", perturbation_col="perturbation",
+             control="non-targeting", aggregate_method="mean", annotations=None, sources=SOURCES,
+             null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
+             settings=None):
+    """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
+    metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    column = lambda name, default="": np.array([w.get(name, default) for w in wells], dtype=str)
+    for name in (perturbation_col, batch_col):
+        if name not in wells[0]:
+            raise SystemExit(f"metadata: no column {name!r} (columns: {', '.join(wells[0])})")
+    perturbation, batch = column(perturbation_col), column(batch_col)
+    kind = column("perturbation_type", "gene")
+    kind[perturbation == control] = "control"
+    concentration = column("concentration")
+    # Filter: unlabeled wells, dropped perturbations, perturbations seen in too few wells
+    names, counts = np.unique(perturbation, return_counts=True)
+    too_few = set(names[counts < min_wells]) - {control}
+    keep = (perturbation != "") & ~np.isin(perturbation, list(set(drop) | too_few))
+    ids = np.flatnonzero(keep)
+    if (perturbation[ids] == control).sum() == 0:
+        raise SystemExit(f"metadata: no control wells ({perturbation_col} == {control!r}); pass --control")
+    aligned = align(_rows(features, ids), batch[ids], perturbation[ids] == control, align_method, out / "aligned.npy",
+                    pca_dims)
+    perturbation, batch, kind, concentration = perturbation[ids], batch[ids], kind[ids], concentration[ids]
+    # Aggregate: genes (and any non-compound perturbation) to one row each; compounds per concentration
+    genes = kind != "control"
+    genes &= kind != "compound"
+    gene_names, gene_map = aggregate(aligned[np.flatnonzero(genes)], perturbation[genes], aggregate_method)
+    if chromosome_arms:
+        arm_of = {r["gene"]: r["arm"] for r in data.read_csv(chromosome_arms)}
+        gene_map = chromosome_arm_correction(gene_map, gene_names, arm_of)
+    report = dict(settings=settings or {}, counts=dict(
+        wells=int(len(wells)), wells_used=int(len(ids)), control_wells=int((kind == "control").sum()),
+        batches=int(len(set(batch))), genes=int(len(gene_names)), dims=int(aligned.shape[1])))
+    report["recall"] = known_relationship_recall(gene_map, gene_names, sources, annotations_dir=annotations)
+    replicate_of = np.where(concentration == "", perturbation, np.char.add(np.char.add(perturbation, "@"), concentration))
+    consistency, p_values = replicate_consistency(aligned, replicate_of, batch, null_perturbations, control)
+    report["consistency"] = consistency
+    clusters_summary, clusters = cluster_benchmark(gene_map, gene_names, annotations)
+    report["clusters"] = dict(clusters_summary, per_cluster=clusters)
+    compounds = kind == "compound"
+    if compound_activity and compounds.any():
+        keys = np.char.add(np.char.add(perturbation[compounds], "@"), concentration[compounds])
+        names, compound_map = aggregate(aligned[np.flatnonzero(compounds)], keys, aggregate_method)
+        table = [(r["compound"], r["gene"], float(r["activity_um"])) for r in data.read_csv(compound_activity)]
+        summary, per_compound = compound_gene_activity(compound_map, [n.rsplit("@", 1)[0] for n in names],
+                                                       gene_map, gene_names, table)
+        report["compound_gene"] = dict(summary, per_compound=per_compound)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    data.write_json(out / "report.json", report)
+    data.write_csv(out / "consistency.csv", ["perturbation", "p_value"], sorted(p_values.items()))
+    text = summary_table(report)
+    data.write_atomic(out / "report.md", lambda f: f.write(text.encode()))
+    print(text)
+    return report
+
+
+def _rows(features, ids):
+    """features[ids] without copying when every row is kept (a memory map stays a memory map)."""
+    return features if len(ids) == len(features) else features[ids]
+
+
+def summary_table(report):
+    """report.md: the headline numbers as Markdown tables."""
+    s = report["settings"]
+    lines = [f"# Benchmarks: {s.get('source', 'embeddings')}", "",
+             f"align {s.get('align')} (pca_dims {s.get('pca_dims')}), batch column {s.get('batch_col')}, aggregate {s.get('aggregate')}; "
+             + ", ".join(f"{k} {v}" for k, v in report["counts"].items()), "",
+             "| source | recall 5/95 | recall 10/90 | pairs | genes |", "|---|---|---|---|---|"]
+    for source, r in report["recall"].items():
+        lines.append(f"| {source} | {r['recall_0.05_0.95']:.3f} | {r['recall_0.1_0.9']:.3f} | {r['n_pairs']} | {r['n_entities']} |")
+    c = report["consistency"]
+    lines += ["", "| replicate consistency | value |", "|---|---|",
+              f"| fraction p < 0.01 ({c['n_perturbations']} perturbations; null: {c['null']}) | {c['fraction_p_below_0.01']:.3f} |"]
+    lines += [f"| {k} | {c[k]:.3f} |" for k in ("ks", "cvm", "ks_cross_batch", "cvm_cross_batch") if k in c]
+    k = report["clusters"]
+    if k["n_clusters"]:
+        lines += ["", f"CORUM clusters (>= 10 genes in the map): {k['n_clusters']}, mean KS {k['ks']:.3f}, "
+                      f"within {k['within']:.3f} vs between {k['between']:.3f}"]
+    g = report.get("compound_gene")
+    if g and g["n_compounds"]:
+        lines += ["", f"compound-gene activity: {g['n_compounds']} compounds, AP {g['ap']:.3f} "
+                      f"(random {g['random_ap']:.3f}, z {g['z']:.2f}), ROC-AUC {g['roc_auc']:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("what to evaluate (one of)")
+    source.add_argument("--ckpt", help="a checkpoint of this project (model.pt, a training checkpoint folder, a trimmed one)")
+    source.add_argument("--features", choices=["handcrafted"], help="a baseline instead of a model")
+    source.add_argument("--embeddings", help="[wells, D] .npy made elsewhere, rows matching --metadata")
+    parser.add_argument("--data", help="a prepared dataset (with --ckpt or --features)")
+    parser.add_argument("--metadata", help="CSV, one row per row of --embeddings")
+    parser.add_argument("--block", type=int, help="embed after this block (default: the model's last)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--align", default="tvn", choices=["none", "centerscale", "pca_centerscale", "tvn"])
+    parser.add_argument("--pca_dims", default="0.99", type=lambda v: None if v == "all" else float(v) if "." in v else int(v),
+                        help="principal axes kept by pca_centerscale/tvn: a count, a fraction of the control variance, or all")
+    parser.add_argument("--batch_col", default="plate", help="metadata column of the batches aligned separately")
+    parser.add_argument("--perturbation_col", default="perturbation")
+    parser.add_argument("--control", default="non-targeting", help="the perturbation name of control wells")
+    parser.add_argument("--aggregate", default="mean", choices=["mean", "median"])
+    parser.add_argument("--annotations", help="folder of CORUM.txt, HuMAP.txt, ... (default: downloaded once from PyPI)")
+    parser.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES))
+    parser.add_argument("--null_perturbations", help="file, one perturbation per line (e.g. unexpressed genes)")
+    parser.add_argument("--compound_activity", help="CSV: compound, gene, activity_um")
+    parser.add_argument("--chromosome_arms", help="CSV: gene, arm (proximity-bias correction of CRISPR maps)")
+    parser.add_argument("--drop", type=lambda s: s.split(","), default=[], help="perturbations to leave out")
+    parser.add_argument("--min_wells", type=int, default=1, help="drop perturbations seen in fewer wells")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.embeddings:
+        if not args.metadata:
+            parser.error("--embeddings needs --metadata")
+        features, wells = np.load(args.embeddings, mmap_mode="r"), data.read_csv(args.metadata)
+        if features.ndim != 2 or len(features) != len(wells):
+            raise SystemExit(f"{args.embeddings}: shape {features.shape} does not match the {len(wells)} rows of {args.metadata}")
+        described = str(args.embeddings)
+    elif args.data and (args.ckpt or args.features):
+        dataset = data.CropDataset(args.data)
+        if args.ckpt:
+            model = mae.from_pretrained(args.ckpt, args.device).eval()
+            block = args.block or len(model.blocks)
+            encode = lambda x: model.embed(x, [block])
+            described = f"{args.ckpt} block {block}"
+        else:
+            encode = lambda x: handcrafted_features(x.cpu())[None].to(x.device)
+            described = "hand-crafted features"
+        features, wells = embed_wells(encode, dataset, out / "embeddings.npy", args.batch_size, args.device)
+        features = features[0]
+        data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+    else:
+        parser.error("give --ckpt or --features with --data, or --embeddings with --metadata")
+    settings = dict(source=described, align=args.align, pca_dims=args.pca_dims, batch_col=args.batch_col, aggregate=args.aggregate,
+                    control=args.control, sources=args.sources, min_wells=args.min_wells, drop=args.drop)
+    evaluate(features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
+             args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity,
+             args.chromosome_arms, args.drop, args.min_wells, settings)
+
+
+if __name__ == "__main__":
+    main()
