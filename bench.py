@@ -1,8 +1,10 @@
 """
-Training speed, printed as figures.
+Speed, printed as figures.
 
     python bench.py                                   # CPU: our step vs Hugging Face ViTMAE, vits16
     python bench.py --presets vits16,vitl8,vitg8 --parallel fsdp --activation_checkpointing --compile blocks
+    python bench.py recall --genes 20000 --dims 1664  # evaluate.py's recall vs efaar-benchmarking's
+    python bench.py probe                             # probe.py's block sweep vs a naive one
 
 1. The step of our MAE against `transformers`' ViTMAEForPreTraining (the MAE users reach for
    today; an optional, benchmark-only dependency) at the same size and standard tokenization, random
@@ -11,6 +13,14 @@ Training speed, printed as figures.
    (sequential blocks, MSE only), which does the same work as theirs.
 2. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
    tokens/s, MFU and peak memory, read from its log.
+3. `recall`: known-relationship recall on a whole-genome-sized map (real gene symbols, random
+   clustered features), all five sources: evaluate.py vs efaar-benchmarking's
+   known_relationship_benchmark (benchmark-only: pandas, scikit-learn, scipy, geomloss), same map,
+   same run, numbers checked identical.
+4. `probe`: probe.py's block search (one model pass for all blocks, torch L-BFGS per block) vs the
+   naive one (re-embed the crops up to each block, scikit-learn's LogisticRegression per block and
+   penalty), same model (the demo architecture, standard tokens, at --depth), same synthetic screen,
+   same run.
 """
 
 import argparse
@@ -21,10 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import data
+import evaluate
 from data import random_dataset
-from model import MAEConfig, build
+from model import MAEConfig, build, save_consolidated
 
 ROOT = Path(__file__).resolve().parent
 PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -123,8 +136,101 @@ def train_figures(presets, parallel, steps, batch_size, extra):
             print(f"{preset:8} {1 / dt:8.2f} {batch_size / dt:8.1f} {r['tokens_per_s'] * r['dt'] / dt:10.0f} {mfu:>6} {r['memory_gib']:11.1f}")
 
 
+def efaar_reference():
+    """efaar-benchmarking's benchmarking module (the reference implementation), imported from its wheel,
+    which data.annotations_dir() keeps (its own dependencies are not installed: scvi-tools and co.)."""
+    annotations = data.annotations_dir()
+    wheel = next(annotations.parent.glob("efaar_benchmarking-*.whl"), None) if annotations else None
+    if wheel is None and annotations:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(annotations.parent), data.ANNOTATION_PACKAGE]
+        subprocess.run(pip, check=True, capture_output=True)
+        wheel = next(annotations.parent.glob("efaar_benchmarking-*.whl"))
+    if str(wheel) not in sys.path:
+        sys.path.insert(0, str(wheel))  # a pure-Python wheel imports as a zip
+    import efaar_benchmarking.benchmarking
+    return efaar_benchmarking.benchmarking
+
+
+def recall_figures(genes, dims, seed=0):
+    """Our known_relationship_recall vs the reference on the same map: seconds, ratio, identical?"""
+    import pandas as pd
+    from sklearn.utils import Bunch
+    reference = efaar_reference()
+    annotations = data.annotations_dir()
+    symbols = sorted({g for s in evaluate.SOURCES for g in np.concatenate(evaluate.read_relationships(str(annotations), s))})
+    symbols += [f"UNANNOTATED-{i}" for i in range(max(0, genes - len(symbols)))]
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(symbols, genes, replace=False)
+    centers = rng.normal(size=(100, dims))
+    features = centers[rng.integers(0, 100, genes)] * rng.uniform(0, 0.5, (genes, 1)) + rng.normal(size=(genes, dims))
+    evaluate.read_relationships.cache_clear()  # both sides read the tables inside the timing
+    start = time.perf_counter()
+    ours = evaluate.known_relationship_recall(features, labels, annotations_dir=annotations)
+    our_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = reference.known_relationship_benchmark(
+        Bunch(features=pd.DataFrame(features), metadata=pd.DataFrame({"gene": labels})), "gene",
+        benchmark_data_dir=str(annotations))
+    their_seconds = time.perf_counter() - start
+    identical = all(ours[r["source"]]["n_pairs"] == r["query_distribution_size"]
+                    and ours[r["source"]][k] == r[k] for r in theirs.to_dict("records")
+                    for k in ("recall_0.05_0.95", "recall_0.1_0.9"))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\nknown-relationship recall, {genes} genes x {dims} dims, {len(theirs)} sources, {device}")
+    print(f"{'source':10} {'pairs':>7} {'recall 5/95':>12} {'recall 10/90':>13}")
+    for source, r in ours.items():
+        print(f"{source:10} {r['n_pairs']:7d} {r['recall_0.05_0.95']:12.6f} {r['recall_0.1_0.9']:13.6f}")
+    print(f"evaluate.py {our_seconds:.1f} s, efaar-benchmarking {their_seconds:.1f} s: {their_seconds / our_seconds:.1f}x "
+          f"faster, numbers {'identical' if identical else 'DIFFERENT'}")
+
+
+def probe_figures(depth, seed=0):
+    """Whole block sweep, ours vs naive, on the demo screen with a random-init demo-architecture model."""
+    import probe
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data.synth(tmp / "synth", size="demo", seed=seed)
+        crops = data.prepare(tmp / "synth" / "images", tmp / "synth" / "metadata.csv", tmp / "crops", crop_size=64)
+        config = dict(channel_agnostic=False, img_size=64, patch_size=8, dim=128, depth=depth,
+                      heads=4, mlp_dim=512, dec_dim=128, dec_depth=2, dec_heads=4, dec_mlp_dim=256)
+        model = build(MAEConfig.from_preset("vits16", **config), verbose=False)
+        save_consolidated(tmp / "model.pt", model.config, model.state_dict())
+        grid = (1e-1, 1e-2, 1e-3, 1e-4)
+        start = time.perf_counter()
+        features, wells = probe.block_features(tmp / "model.pt", crops, tmp / "probe")
+        labels = probe.task_labels(wells, "perturbation")
+        train, validation, _ = probe.split_wells(wells, "experiment")
+        ours = probe.sweep(features, labels, train, validation, list(range(1, depth + 1)), grid)
+        our_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        dataset = data.CropDataset(crops)
+        naive = {}
+        used = labels != ""
+        for block in range(1, depth + 1):  # what one writes without the single pass: re-embed per block
+            z = evaluate.embed_wells(lambda x: model.eval().embed(x, [block]), dataset, tmp / "naive.npy")[0][0]
+            x = np.asarray(z, np.float32)
+            x = (x - x[train & used].mean(0)) / (x[train & used].std(0) + 1e-6)
+            seen = validation & used & np.isin(labels, labels[train & used])
+            naive[block] = max(balanced_accuracy_score(labels[seen], LogisticRegression(
+                C=1 / (l2 * (train & used).sum()), max_iter=1000).fit(x[train & used], labels[train & used]).predict(x[seen]))
+                for l2 in grid)
+        naive_seconds = time.perf_counter() - start
+    print(f"\nblock sweep, {depth} blocks, {len(wells)} wells of the demo screen, task perturbation, "
+          f"{len(grid)} penalties, cpu {torch.get_num_threads()} threads")
+    print(f"{'block':>5} {'ours bal.acc':>13} {'naive bal.acc':>14}")
+    for block in ours:
+        print(f"{block:5d} {ours[block]['balanced_accuracy']:13.3f} {naive[block]:14.3f}")
+    print(f"probe.py {our_seconds:.1f} s, naive {naive_seconds:.1f} s: {naive_seconds / our_seconds:.1f}x faster")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", nargs="?", default="train", choices=["train", "recall", "probe"])
+    parser.add_argument("--depth", type=int, default=12, help="probe: blocks of the model")
+    parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
+    parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
     parser.add_argument("--presets", default="vits16")
     parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"])
     parser.add_argument("--batch_size", type=int, default=8)
@@ -134,6 +240,9 @@ if __name__ == "__main__":
     parser.add_argument("--skip_hf", action="store_true", help="only the train.py figures")
     parser.add_argument("--skip_train", action="store_true", help="only the comparison with transformers")
     args = parser.parse_args()
+    if args.suite in ("recall", "probe"):
+        recall_figures(args.genes, args.dims) if args.suite == "recall" else probe_figures(args.depth)
+        sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")

@@ -197,17 +197,19 @@ class MAE(nn.Module):
             Block(c.dim, c.heads, c.mlp_dim, c.qk_norm, c.qkv_bias, c.layerscale_init,
                   c.drop_path * i / max(c.depth - 1, 1), c.norm_eps) for i in range(c.depth))
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)  # before the decoder only; embeddings are raw tokens
-        # decoder: standard MAE blocks; in CA a learned token per channel tells it which channel to predict
-        self.dec_embed = nn.Linear(c.dim, c.dec_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dec_dim))
-        self.dec_channel_embed = nn.Parameter(torch.zeros(c.max_chans, c.dec_dim)) if c.channel_agnostic else None
-        self.dec_blocks = nn.ModuleList(
-            SequentialBlock(c.dec_dim, c.dec_heads, c.dec_mlp_dim, eps=c.norm_eps) for _ in range(c.dec_depth))
-        self.dec_norm = nn.LayerNorm(c.dec_dim, eps=c.norm_eps)
-        self.dec_pred = nn.Linear(c.dec_dim, c.patch_size ** 2 * (1 if c.channel_agnostic else c.in_chans))
-        # fixed tables are non-persistent buffers: never saved, refilled by init_weights() after to_empty()
+        # decoder: standard MAE blocks; in CA a learned token per channel tells it which channel to predict.
+        # dec_depth 0: none at all (a trimmed encoder, for inference)
         self.register_buffer("pos_embed", torch.empty(self.grid ** 2, c.dim), persistent=False)
-        self.register_buffer("dec_pos_embed", torch.empty(self.grid ** 2, c.dec_dim), persistent=False)
+        if c.dec_depth:
+            self.dec_embed = nn.Linear(c.dim, c.dec_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dec_dim))
+            self.dec_channel_embed = nn.Parameter(torch.zeros(c.max_chans, c.dec_dim)) if c.channel_agnostic else None
+            self.dec_blocks = nn.ModuleList(
+                SequentialBlock(c.dec_dim, c.dec_heads, c.dec_mlp_dim, eps=c.norm_eps) for _ in range(c.dec_depth))
+            self.dec_norm = nn.LayerNorm(c.dec_dim, eps=c.norm_eps)
+            self.dec_pred = nn.Linear(c.dec_dim, c.patch_size ** 2 * (1 if c.channel_agnostic else c.in_chans))
+            self.register_buffer("dec_pos_embed", torch.empty(self.grid ** 2, c.dec_dim), persistent=False)
+        # (fixed tables are non-persistent buffers: never saved, refilled by init_weights() after to_empty())
         self.activation_checkpointing = False  # recompute each block in the backward pass to save memory
         if not self.cls_token.is_meta:
             self.init_weights()
@@ -219,7 +221,8 @@ class MAE(nn.Module):
         Each parameter is drawn on the CPU from its own generator, so a model built whole, from meta, or
         sharded by FSDP over any number of ranks starts from the same weights."""
         self.pos_embed.copy_(sincos_2d(self.config.dim, self.grid))
-        self.dec_pos_embed.copy_(sincos_2d(self.config.dec_dim, self.grid))
+        if self.config.dec_depth:
+            self.dec_pos_embed.copy_(sincos_2d(self.config.dec_dim, self.grid))
         tables = ("cls_token", "mask_token", "channel_embed", "dec_channel_embed")
         for i, (name, p) in enumerate(self.named_parameters()):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -347,6 +350,8 @@ class MAE(nn.Module):
 
     def forward(self, x, channels=None):
         """x: crops [B, C, H, W] (uint8, uint16 or float). Returns (loss, pred [B, T, p*p*c], mask [B, T])."""
+        if not self.config.dec_depth:
+            raise ValueError("this encoder was trimmed and has no decoder: use embed()")
         self.check_input(x)
         x = standardize(x)
         h, mask, ids_restore = self.forward_encoder(x, channels)
@@ -373,11 +378,15 @@ class MAE(nn.Module):
         return torch.stack([pooled[b] for b in blocks])
 
     def trim(self, k):
-        """Drop the blocks after block k (1-based, as the paper counts) for inference."""
+        """Keep blocks 1..k (1-based, as the paper counts) and drop the rest and the decoder: the encoder
+        for inference, whose last block is k. Its state_dict and config (depth k, dec_depth 0) rebuild it."""
         if not 1 <= k <= len(self.blocks):
             raise ValueError(f"cannot trim a {len(self.blocks)}-block encoder at block {k}")
         self.blocks = self.blocks[:k]
-        self.config.depth = k
+        for name in ("dec_embed", "mask_token", "dec_channel_embed", "dec_blocks", "dec_norm", "dec_pred", "dec_pos_embed"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.config = replace(self.config, depth=k, dec_depth=0)
         return self
 
     # ---- accounting -----------------------------------------------------------------------------

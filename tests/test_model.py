@@ -4,7 +4,7 @@ import torch._inductor.config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MAE, MAEConfig, ParallelBlock, SequentialBlock, build, standardize
+from model import MAE, MAEConfig, ParallelBlock, SequentialBlock, build, from_pretrained, save_consolidated, standardize
 
 
 def tiny(**overrides):
@@ -201,6 +201,20 @@ def test_trim_then_embed_equals_embed_at_that_block():
     torch.testing.assert_close(model.embed(x), at_block_2)
     with pytest.raises(ValueError):
         model.embed(x, blocks=[3])
+
+
+def test_trimmed_checkpoint_reloads_as_an_encoder(tmp_path):
+    model = tiny(layerscale_init=0.5).eval()
+    x = crops()
+    at_block_2 = model.embed(x, blocks=[2])
+    model.trim(2)
+    assert not any(name.startswith(("dec_", "mask_token")) for name in model.state_dict())
+    save_consolidated(tmp_path / "trimmed.pt", model.config, model.state_dict())
+    again = from_pretrained(tmp_path / "trimmed.pt").eval()
+    assert again.config.depth == 2 and again.config.dec_depth == 0
+    torch.testing.assert_close(again.embed(x), at_block_2)
+    with pytest.raises(ValueError, match="no decoder"):
+        again(x)
 
 
 # ---- compile and autocast -----------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""
+The block search (the paper's step 3): which transformer block represents biology best?
+
+    python probe.py --ckpt out/demo/model.pt --data data/demo --task perturbation --out out/probe --trim
+
+ONE pass of the model embeds every crop at every block (MAE.embed(x, blocks=all)); crops are averaged
+into wells and cached in DIR (float16, memory-mapped: a rerun or another task skips the model). Then,
+block by block, a multinomial logistic regression predicts the task from the well embeddings, trained
+on some plates/experiments and scored on the others. The block with the best balanced accuracy wins;
+--trim writes the encoder cut there (decoder dropped), which evaluate.py and MAE.embed load as is.
+
+Tasks: `perturbation` (which gene/siRNA/compound is in the well: the RxRx1 task) and `group` (which
+functional group the perturbed gene belongs to, from --groups CSV gene,group: the "Anax" task).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+import model as mae
+
+
+# ---- features: every block, one pass, cached ---------------------------------------------------------
+
+def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu"):
+    """[blocks, wells, D] float16 (memory-mapped) and the wells' metadata, from out/features.npy when it
+    was made from the same checkpoint and data (same files, same modification times)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = dict(ckpt=str(Path(ckpt).resolve()), ckpt_mtime=os.path.getmtime(ckpt),
+                  data=str(Path(dataset_root).resolve()), index_mtime=os.path.getmtime(Path(dataset_root) / "index.csv"))
+    cached = out / "features.json"
+    if cached.exists() and json.loads(cached.read_text())["source"] == source:
+        print(f"block features from the cache {out / 'features.npy'}")
+        return np.load(out / "features.npy", mmap_mode="r"), data.read_csv(out / "wells.csv")
+    model = mae.from_pretrained(ckpt, device).eval()
+    blocks = list(range(1, len(model.blocks) + 1))
+    features, wells = evaluate.embed_wells(lambda x: model.embed(x, blocks), data.CropDataset(dataset_root),
+                                           out / "features.npy", batch_size, device)
+    data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+    data.write_json(cached, dict(source=source, blocks=blocks, shape=list(features.shape)))
+    return features, wells
+
+
+# ---- tasks and the split -----------------------------------------------------------------------------
+
+def task_labels(wells, task, groups=None, perturbation_col="perturbation", control="non-targeting",
+                keep_controls=False):
+    """A label per well ("" = not used): the perturbation, or the group of the perturbed gene."""
+    perturbation = np.array([w[perturbation_col] for w in wells], dtype=str)
+    if task == "perturbation":
+        labels = perturbation.copy()
+    elif task == "group":
+        if not groups:
+            raise SystemExit("--task group needs --groups (a CSV with columns gene, group)")
+        group_of = {r["gene"]: r["group"] for r in data.read_csv(groups)}
+        labels = np.array([group_of.get(p, "") for p in perturbation], dtype=str)
+    else:
+        raise SystemExit(f"unknown task {task!r}: perturbation or group")
+    if not keep_controls:
+        labels[perturbation == control] = ""
+    return labels
+
+
+def split_wells(wells, split_col, validation_fraction=0.25):
+    """Whole plates/experiments go to one side: the last ceil(fraction) of the sorted values validate,
+    so replicates of one plate never sit on both sides."""
+    if split_col not in wells[0]:
+        raise SystemExit(f"no metadata column {split_col!r} to split by (columns: {', '.join(wells[0])})")
+    values = np.array([w[split_col] for w in wells], dtype=str)
+    names = sorted(set(values))
+    if len(names) < 2:
+        raise SystemExit(f"{split_col}: one value only ({names[0]}); a held-out split needs two or more")
+    held_out = names[-max(1, math.ceil(validation_fraction * len(names))):]
+    return ~np.isin(values, held_out), np.isin(values, held_out), held_out
+
+
+# ---- the classifier -----------------------------------------------------------------------------------
+
+def fit_logistic(x, y, n_classes, l2, init=None, max_iter=200):
+    """Multinomial logistic regression: minimize mean cross-entropy + l2/2 ||W||^2 (bias not penalized;
+    scikit-learn's LogisticRegression with C = 1 / (l2 * n)) by full-batch L-BFGS. Returns (W, b)."""
+    w = torch.zeros(x.shape[1], n_classes, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(n_classes, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def balanced_accuracy(truth, predicted):
+    """Mean over the classes present in `truth` of the fraction of their wells predicted right."""
+    classes = truth.unique()
+    return float(torch.stack([(predicted[truth == c] == c).float().mean() for c in classes]).mean())
+
+
+def probe(x, labels, train, validation, grid=(1e-1, 1e-2, 1e-3, 1e-4), device="cpu"):
+    """Fit on the train wells at each L2 penalty of `grid` (strongest first, each fit starting from the
+    last), score on the validation wells of classes seen in training; keep the penalty with the best
+    balanced accuracy (chosen on the validation split, as the block search does)."""
+    names, y = np.unique(labels[train], return_inverse=True)
+    index = {n: i for i, n in enumerate(names)}
+    scored = validation & np.isin(labels, names)
+    x = torch.as_tensor(np.asarray(x, np.float32), device=device)
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6  # standardized on the training wells
+    x = (x - mean) / std
+    y_train = torch.as_tensor(y, device=device)
+    y_val = torch.as_tensor([index[label] for label in labels[scored]], device=device, dtype=torch.long)
+    best, params = None, None
+    for l2 in grid:
+        params = fit_logistic(x[train], y_train, len(names), l2, params)
+        predicted = (x[scored] @ params[0] + params[1]).argmax(1)
+        result = dict(balanced_accuracy=balanced_accuracy(y_val, predicted),
+                      accuracy=float((predicted == y_val).float().mean()), l2=l2)
+        if best is None or result["balanced_accuracy"] > best["balanced_accuracy"]:
+            best = result
+    majority = torch.bincount(y_val, minlength=len(names)).max() / len(y_val)
+    return dict(best, chance_balanced=1 / len(y_val.unique()), chance_accuracy=float(majority),
+                classes=len(names), train_wells=int(train.sum()), validation_wells=int(scored.sum()),
+                validation_unseen=int((validation & (labels != "") & ~scored).sum()))
+
+
+def center_scale_batches(x, batches, is_control):
+    """Per batch (plate), center and scale every feature on the batch's control wells (on all its wells
+    when it has fewer than two): plate effects dominate raw embeddings of microscopy."""
+    x = np.array(x, np.float64)
+    for batch in np.unique(batches):
+        rows = batches == batch
+        reference = rows & is_control if (rows & is_control).sum() >= 2 else rows
+        x[rows] = evaluate.center_scale(x[rows], x[reference])
+    return x
+
+
+def sweep(features, labels, train, validation, blocks, grid, batches=None, is_control=None, device="cpu"):
+    """probe() for each of `blocks` (1-based rows of features [blocks, wells, D]), back to back on one
+    device, one block's features read from the memory map at a time; centered and scaled per batch
+    first when batches are given."""
+    used = labels != ""
+    train, validation = train & used, validation & used
+    aligned = lambda x: x if batches is None else center_scale_batches(x, batches, is_control)
+    return {block: probe(aligned(features[block - 1]), labels, train, validation, grid, device)
+            for block in tqdm(blocks, desc="probe", unit="block")}
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+def plot_curve(path, curves):
+    """block vs balanced accuracy per task, as a PNG (matplotlib, optional: skipped without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task, points in curves.items():
+        blocks = sorted(points)
+        ax.plot(blocks, [points[b]["balanced_accuracy"] for b in blocks], marker="o", label=task)
+        ax.axhline(points[blocks[0]]["chance_balanced"], ls=":", color=ax.lines[-1].get_color())
+    ax.set(xlabel="block", ylabel="balanced accuracy (validation)", title="linear probe per block (dotted: chance)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png")
+    plt.close(fig)
+    Path(f"{path}.tmp.png").replace(path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a checkpoint of this project (model.pt or a training checkpoint folder)")
+    parser.add_argument("--data", required=True, help="a prepared dataset")
+    parser.add_argument("--task", default="perturbation", help="perturbation, group, or both: perturbation,group")
+    parser.add_argument("--groups", help="CSV gene,group for --task group")
+    parser.add_argument("--blocks", default="all", help="all, or e.g. 4,8,12")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--split_col", default="experiment", help="metadata column whose values are held out whole")
+    parser.add_argument("--validation_fraction", type=float, default=0.25)
+    parser.add_argument("--keep_controls", action="store_true", help="controls are a class of their own")
+    parser.add_argument("--align", default="centerscale", choices=["centerscale", "none"],
+                        help="center and scale the features per --batch_col on its control wells first")
+    parser.add_argument("--batch_col", default="plate")
+    parser.add_argument("--control", default="non-targeting")
+    parser.add_argument("--grid", default="0.1,0.01,0.001,0.0001", help="L2 penalties tried")
+    parser.add_argument("--trim", action="store_true", help="write trimmed.pt: the encoder cut at the best block (of the first task)")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
+    depth = features.shape[0]
+    blocks = list(range(1, depth + 1)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
+    if not all(1 <= b <= depth for b in blocks):
+        raise SystemExit(f"--blocks: the model has blocks 1..{depth}")
+    train, validation, held_out = split_wells(wells, args.split_col, args.validation_fraction)
+    grid = [float(v) for v in args.grid.split(",")]
+    batches = np.array([w[args.batch_col] for w in wells], dtype=str) if args.align == "centerscale" else None
+    is_control = np.array([w["perturbation"] == args.control for w in wells])
+    curves = {}
+    for task in args.task.split(","):
+        labels = task_labels(wells, task, args.groups, control=args.control, keep_controls=args.keep_controls)
+        curves[task] = sweep(features, labels, train, validation, blocks, grid, batches, is_control, args.device)
+    best = {task: max(r, key=lambda b: r[b]["balanced_accuracy"]) for task, r in curves.items()}
+    rows = [[task, b, f"{r['balanced_accuracy']:.4f}", f"{r['accuracy']:.4f}", f"{r['chance_balanced']:.4f}",
+             f"{r['chance_accuracy']:.4f}", r["l2"], r["classes"], r["train_wells"], r["validation_wells"]]
+            for task, results in curves.items() for b, r in sorted(results.items())]
+    header = ["task", "block", "balanced_accuracy", "accuracy", "chance_balanced", "chance_accuracy", "l2",
+              "classes", "train_wells", "validation_wells"]
+    data.write_csv(out / "probe.csv", header, rows)
+    print(f"\n{'task':14} {'block':>5} {'bal.acc':>8} {'acc':>7} {'chance':>7} {'l2':>7}")
+    for task, b, bal, acc, chance, _, l2, *_ in rows:
+        print(f"{task:14} {b:5d} {bal:>8} {acc:>7} {chance:>7} {l2:7g}" + ("  <- best" if best[task] == b else ""))
+    report = dict(ckpt=str(args.ckpt), data=str(args.data), split_col=args.split_col, held_out=held_out,
+                  align=args.align, batch_col=args.batch_col,
+                  best_block=best, curves={t: {str(b): r for b, r in c.items()} for t, c in curves.items()},
+                  seconds=round(time.perf_counter() - started, 1))
+    picture = plot_curve(out / "probe.png", curves)
+    if args.trim:
+        block = best[args.task.split(",")[0]]
+        model = mae.from_pretrained(args.ckpt).trim(block)
+        mae.save_consolidated(out / "trimmed.pt", model.config, model.state_dict(), trimmed_at=block,
+                              probe=report["curves"])
+        report["trimmed"] = str(out / "trimmed.pt")
+        print(f"trimmed at block {block} of {depth}: {out / 'trimmed.pt'}")
+    data.write_json(out / "probe.json", report)
+    print(f"best block: {best}; {out / 'probe.csv'}, {out / 'probe.json'}" + (f", {picture}" if picture else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()

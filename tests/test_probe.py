@@ -1,0 +1,114 @@
+"""probe.py: the logistic regression against scikit-learn, the split, and the block search on the
+synthetic screen with a really trained model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as mae
+import probe
+
+sklearn_linear = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is a test-only dependency")
+
+
+def gaussian_classes(rng, n, d=20, k=5, spread=1.0):
+    centers = rng.normal(0, spread, (k, d))
+    y = rng.integers(0, k, n)
+    return centers[y] + rng.normal(size=(n, d)), y
+
+
+@pytest.mark.parametrize("l2", [1e-1, 1e-3])
+def test_logistic_regression_matches_scikit_learn(l2):
+    """Same objective (scikit-learn's C = 1 / (l2 n)), so the same solution: probabilities agree and so
+    does the validation accuracy."""
+    rng = np.random.default_rng(0)
+    x, y = gaussian_classes(rng, 600)
+    xt = torch.tensor(x[:400], dtype=torch.float32)
+    w, b = probe.fit_logistic(xt, torch.tensor(y[:400]), 5, l2, max_iter=500)
+    ours = torch.softmax(torch.tensor(x[400:], dtype=torch.float32) @ w + b, 1).numpy()
+    theirs = sklearn_linear.LogisticRegression(C=1 / (l2 * 400), max_iter=10_000, tol=1e-10).fit(x[:400], y[:400])
+    np.testing.assert_allclose(ours, theirs.predict_proba(x[400:]), atol=2e-3)
+    assert abs((ours.argmax(1) == y[400:]).mean() - theirs.score(x[400:], y[400:])) <= 0.01
+
+
+def test_probe_recovers_a_planted_linear_signal():
+    """Labels that are a linear function of 10 of 200 noisy features: the probe finds them (the
+    Bayes accuracy is 1; 1,500 training wells in 200 dimensions reach ~0.85), and on pure noise it
+    stays at chance."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 200))
+    y = (x[:, :10] @ rng.normal(size=(10, 4))).argmax(1)
+    labels = np.array([f"class{v}" for v in y])
+    train = np.arange(2000) < 1500
+    result = probe.probe(x, labels, train, ~train)
+    assert result["accuracy"] > 0.8 and result["classes"] == 4  # chance 0.25
+    noise = probe.probe(rng.normal(size=(2000, 200)), labels, train, ~train)
+    assert abs(noise["balanced_accuracy"] - noise["chance_balanced"]) < 0.06
+
+
+def test_split_holds_out_whole_experiments():
+    wells = [dict(experiment=f"E{e}", plate=f"E{e}P{p}") for e in range(1, 5) for p in (1, 2) for _ in range(3)]
+    train, validation, held_out = probe.split_wells(wells, "experiment")
+    assert held_out == ["E4"] and train.sum() == 18 and validation.sum() == 6
+    experiments = np.array([w["experiment"] for w in wells])
+    assert not set(experiments[train]) & set(experiments[validation])
+    with pytest.raises(SystemExit, match="one value only"):
+        probe.split_wells(wells[:6], "experiment")
+
+
+def test_group_task_reads_groups_and_drops_controls(tmp_path):
+    data.write_csv(tmp_path / "groups.csv", ["gene", "group"], [["A", "g1"], ["B", "g2"]])
+    wells = [dict(perturbation=p) for p in ("A", "B", "C", "non-targeting")]
+    assert probe.task_labels(wells, "group", tmp_path / "groups.csv").tolist() == ["g1", "g2", "", ""]
+    assert probe.task_labels(wells, "perturbation").tolist() == ["A", "B", "C", ""]
+    assert probe.task_labels(wells, "perturbation", keep_controls=True)[3] == "non-targeting"
+
+
+# ---- the block search on the synthetic screen, with a really trained model -----------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tests screen cut into 32x32 crops, a small MAE trained on it by train.py (~1 minute), the
+    same architecture untrained, and the planted complexes as a gene,group table."""
+    import subprocess
+    import sys
+    root = tmp_path_factory.mktemp("probe")
+    data.synth(root / "synth", size="tests", seed=0)
+    crops = data.prepare(root / "synth" / "images", root / "synth" / "metadata.csv", root / "crops", crop_size=32, workers=2)
+    run = subprocess.run([sys.executable, "train.py", "config/demo.py", f"--data={crops}", f"--out_dir={root / 'run'}",
+                          "--img_size=32", "--patch_size=4", "--channel_agnostic=False", "--layerscale_init=0.1",
+                          "--max_steps=400", "--log_interval=100"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    untrained = mae.from_pretrained(root / "run" / "model.pt")
+    untrained.init_weights(seed=1)
+    mae.save_consolidated(root / "untrained.pt", untrained.config, untrained.state_dict())
+    truth = json.loads((root / "synth" / "truth.json").read_text())
+    data.write_csv(root / "groups.csv", ["gene", "group"], [[g, v["complex"] or "none"] for g, v in truth["genes"].items()])
+    return root
+
+
+def test_block_search_trained_beats_untrained_and_trims(trained, capsys):
+    common = ["--data", str(trained / "crops"), "--task", "group", "--groups", str(trained / "groups.csv")]
+    ours = probe.main(["--ckpt", str(trained / "run" / "model.pt"), "--out", str(trained / "p1"), "--trim"] + common)
+    untrained = probe.main(["--ckpt", str(trained / "untrained.pt"), "--out", str(trained / "p2")] + common)
+    curve = {int(b): r["balanced_accuracy"] for b, r in ours["curves"]["group"].items()}
+    best = ours["best_block"]["group"]
+    assert curve[best] == max(curve.values())  # the chosen block is the argmax of the reported curve
+    assert curve[best] > max(r["balanced_accuracy"] for r in untrained["curves"]["group"].values())
+    rows = data.read_csv(trained / "p1" / "probe.csv")
+    assert [int(r["block"]) for r in rows] == sorted(curve) and float(rows[best - 1]["balanced_accuracy"]) == pytest.approx(curve[best], abs=1e-4)
+    # the trimmed encoder embeds exactly as the full model at the best block
+    trimmed = mae.from_pretrained(trained / "p1" / "trimmed.pt").eval()
+    full = mae.from_pretrained(trained / "run" / "model.pt").eval()
+    x = torch.from_numpy(data.CropDataset(trained / "crops").crops(range(8)))
+    assert len(trimmed.blocks) == best and trimmed.config.dec_depth == 0
+    torch.testing.assert_close(trimmed.embed(x), full.embed(x, [best]))
+    # a rerun reads the cached block features instead of running the model again
+    before = (trained / "p1" / "features.npy").stat().st_mtime_ns
+    capsys.readouterr()
+    again = probe.main(["--ckpt", str(trained / "run" / "model.pt"), "--out", str(trained / "p1")] + common)
+    assert "from the cache" in capsys.readouterr().out
+    assert (trained / "p1" / "features.npy").stat().st_mtime_ns == before and again["best_block"] == ours["best_block"]
