@@ -49,6 +49,8 @@ class MAEConfig:
     mask_ratio: float = 0.75
     fourier_weight: float = 0.01  # a in (1 - a) * MSE + a * Fourier loss
     norm_pix_loss: bool = False   # released configs: off (the target is the self-standardized crop)
+    class_token: bool = True      # False only for loaded ViTs made without one (no decoder then)
+    learned_pos: bool = False     # a learned position table (loaded timm ViTs) instead of fixed sin-cos
 
     @staticmethod
     def from_preset(name, **overrides):
@@ -190,7 +192,8 @@ class MAE(nn.Module):
         self.grid = c.img_size // c.patch_size
         # encoder
         self.patch_embed = nn.Conv2d(1 if c.channel_agnostic else c.in_chans, c.dim, c.patch_size, c.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        assert c.class_token or not c.dec_depth, "the decoder expects a class token"
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
         self.channel_embed = nn.Parameter(torch.zeros(c.max_chans, c.dim)) if c.channel_embed else None
         Block = ParallelBlock if c.parallel_blocks else SequentialBlock
         self.blocks = nn.ModuleList(
@@ -210,8 +213,10 @@ class MAE(nn.Module):
             self.dec_pred = nn.Linear(c.dec_dim, c.patch_size ** 2 * (1 if c.channel_agnostic else c.in_chans))
             self.register_buffer("dec_pos_embed", torch.empty(self.grid ** 2, c.dec_dim), persistent=False)
         # (fixed tables are non-persistent buffers: never saved, refilled by init_weights() after to_empty())
+        # a learned table: the class token's row (if any), then the grid's
+        self.pos_table = nn.Parameter(torch.zeros(c.class_token + self.grid ** 2, c.dim)) if c.learned_pos else None
         self.activation_checkpointing = False  # recompute each block in the backward pass to save memory
-        if not self.cls_token.is_meta:
+        if not self.patch_embed.weight.is_meta:
             self.init_weights()
 
     @torch.no_grad()
@@ -223,7 +228,7 @@ class MAE(nn.Module):
         self.pos_embed.copy_(sincos_2d(self.config.dim, self.grid))
         if self.config.dec_depth:
             self.dec_pos_embed.copy_(sincos_2d(self.config.dec_dim, self.grid))
-        tables = ("cls_token", "mask_token", "channel_embed", "dec_channel_embed")
+        tables = ("cls_token", "mask_token", "channel_embed", "dec_channel_embed", "pos_table")
         for i, (name, p) in enumerate(self.named_parameters()):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
             value = torch.zeros(p.shape)
@@ -239,9 +244,11 @@ class MAE(nn.Module):
 
     # ---- tokens -------------------------------------------------------------------------------
 
-    def check_input(self, x):
+    def check_input(self, x, any_size=False):
         c = self.config
-        if x.ndim != 4 or x.shape[-2:] != (c.img_size, c.img_size):
+        size_ok = x.shape[-1] == x.shape[-2] and x.shape[-1] % c.patch_size == 0 if any_size else \
+            x.shape[-2:] == (c.img_size, c.img_size)
+        if x.ndim != 4 or not size_ok:
             raise ValueError(f"expected crops [B, C, {c.img_size}, {c.img_size}], got {list(x.shape)}")
         if c.channel_agnostic and not 1 <= x.shape[1] <= c.max_chans:
             raise ValueError(f"this model accepts 1 to {c.max_chans} channels, got {x.shape[1]}")
@@ -255,15 +262,29 @@ class MAE(nn.Module):
     def tokenize(self, x, channels=None):
         """Standardized crops [B, C, H, W] -> patch tokens with positions [B, T, D] (no class token)."""
         B, C = x.shape[:2]
+        grid = x.shape[-1] // self.config.patch_size
         if self.config.channel_agnostic:  # channel-major token order: all of channel 0, then channel 1, ...
             x = x.to(self.patch_embed.weight.dtype)  # bf16 under FSDP mixed precision
             t = self.patch_embed(x.reshape(B * C, 1, *x.shape[2:]))             # [B*C, D, g, g]
-            t = rearrange(t, "(b c) d h w -> b c (h w) d", b=B) + self.pos_embed  # same positions per channel
+            t = rearrange(t, "(b c) d h w -> b c (h w) d", b=B) + self.positions(grid)  # same positions per channel
             if self.channel_embed is not None:
                 t = t + self.channel_embed[self.channel_ids(x, channels)][:, None, :]
             return t.flatten(1, 2)                                                 # [B, C*N, D]
         t = self.patch_embed(x.to(self.patch_embed.weight.dtype))
-        return rearrange(t, "b d h w -> b (h w) d") + self.pos_embed                # [B, N, D]
+        return rearrange(t, "b d h w -> b (h w) d") + self.positions(grid)          # [B, N, D]
+
+    def positions(self, grid):
+        """Position codes of a grid x grid patch layout [grid^2, D]: the model's own, or for crops of
+        another size the sin-cos table of that grid / the learned table resampled bicubically (as timm
+        resamples position embeddings)."""
+        if self.pos_table is None:
+            return self.pos_embed if grid == self.grid else sincos_2d(self.config.dim, grid).to(self.pos_embed)
+        table = self.pos_table[int(self.config.class_token):]
+        if grid == self.grid:
+            return table
+        table = rearrange(table, "(h w) d -> 1 d h w", h=self.grid)
+        table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+        return rearrange(table, "1 d h w -> (h w) d")
 
     def patchify(self, x):
         """The reconstruction target: [B, C, H, W] -> [B, T, p*p*c], in the token order of tokenize()."""
@@ -294,7 +315,10 @@ class MAE(nn.Module):
         return visible, mask.gather(1, ids_restore), ids_restore
 
     def with_cls(self, tokens):
-        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        if self.cls_token is None:
+            return tokens
+        cls = self.cls_token if self.pos_table is None else self.cls_token + self.pos_table[:1]
+        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
     # ---- MAE training ---------------------------------------------------------------------------
 
@@ -364,8 +388,13 @@ class MAE(nn.Module):
     def embed(self, x, blocks=None, channels=None):
         """Mean of the patch tokens (class token excluded, no final norm) after each requested block,
         all from ONE unmasked forward pass. blocks: 1-based block numbers, default the last.
-        Returns [len(blocks), B, D]."""
-        self.check_input(x)
+        Returns [len(blocks), B, D]. Crops of another size than img_size are fine (positions resampled).
+        A 3-channel (RGB) model given C != 3 channels embeds each channel on its own as a gray image and
+        concatenates: [len(blocks), B, C * D] (how the paper ran natural-image ViTs on Cell Painting)."""
+        c = self.config
+        if not c.channel_agnostic and c.in_chans == 3 and x.ndim == 4 and x.shape[1] != 3:
+            return torch.cat([self.embed(x[:, i:i + 1].expand(-1, 3, -1, -1), blocks) for i in range(x.shape[1])], -1)
+        self.check_input(x, any_size=True)
         blocks = [len(self.blocks)] if blocks is None else list(blocks)
         if not all(1 <= b <= len(self.blocks) for b in blocks):
             raise ValueError(f"blocks must be in 1..{len(self.blocks)}, got {blocks}")
@@ -374,7 +403,7 @@ class MAE(nn.Module):
         for i, block in enumerate(self.blocks[:max(blocks)], start=1):
             h = block(h)
             if i in blocks:
-                pooled[i] = h[:, 1:].mean(dim=1)
+                pooled[i] = h[:, int(c.class_token):].mean(dim=1)
         return torch.stack([pooled[b] for b in blocks])
 
     def trim(self, k):
@@ -433,9 +462,12 @@ def save_consolidated(path, config, state_dict, **extra):
 
 
 def from_pretrained(path, device="cpu"):
-    """Load this project's checkpoints: a consolidated file (model.pt, written at the end of training)
-    or a training checkpoint directory (torch.distributed.checkpoint, written by any number of ranks:
-    it is consolidated here, in one process)."""
+    """Load weights into an MAE, the config read from the weights themselves:
+    - this project's checkpoints: model.pt (end of training), trimmed.pt (probe.py --trim), or a
+      training checkpoint folder (torch.distributed.checkpoint, any number of ranks, consolidated here);
+    - the OpenPhenom release (CA-MAE-S/16): model.safetensors, or a torch file, in the layout of
+      recursionpharma's maes_microscopy code (see from_openphenom; its encoder, not its decoders);
+    - timm VisionTransformer state dicts, e.g. DINOv2 or ImageNet MAE ViTs (see from_timm; encoder)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "train.json").exists():
@@ -443,13 +475,208 @@ def from_pretrained(path, device="cpu"):
         model = build(MAEConfig(**json.loads((path / "train.json").read_text())["model_config"]), device, verbose=False)
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=path)
+        model.load_state_dict(state["model"])
+        return model
+    state = read_weights(path)
+    if "config" in state and "model" in state:
+        config, weights = MAEConfig(**state["config"]), state["model"]
+    elif any(k.startswith("encoder.vit_backbone.") for k in state):
+        config, weights = from_openphenom(state, path)
+    elif "patch_embed.proj.weight" in state and ("blocks.0.norm1.weight" in state or "blocks.0.in_norm.weight" in state):
+        config, weights = from_timm(state, path)
     else:
-        if not path.exists():
-            raise SystemExit(f"{path}: no such checkpoint")
-        state = torch.load(path, map_location=device, weights_only=True)
-        model = build(MAEConfig(**state["config"]), device, verbose=False)
-    model.load_state_dict(state["model"])
+        raise SystemExit(f"{path}: a layout this loader does not know (first key {next(iter(state), None)!r})")
+    model = build(config, device, verbose=False)
+    model.load_state_dict(weights)
     return model
+
+
+def read_weights(path):
+    """A state dict from .safetensors (the optional `safetensors` package) or a torch file; the
+    OpenPhenom file named model.safetensors may be a torch pickle of {"state_dict": ...}: both work."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(9)  # safetensors: the JSON header's length (8 bytes), then the header
+    is_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    if is_safetensors:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise SystemExit(f"{path}: a safetensors file; pip install safetensors to read it") from None
+        state = load_file(path)
+    else:
+        with open(path, "rb") as f:  # a file object: torch.load would go by the .safetensors name
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    return state["state_dict"] if "state_dict" in state and "config" not in state else state
+
+
+# OpenPhenom (maes_microscopy): a timm VisionTransformer of ParallelScalingBlocks under this prefix
+OPENPHENOM = "encoder.vit_backbone."
+OPENPHENOM_DECODER = ("decoder.", "encoder_decoder_proj.", "decoder_pred.")
+
+
+def from_openphenom(state, path="weights"):
+    """OpenPhenom layout -> (MAEConfig, our state dict), every encoder tensor used, the decoder's skipped
+    (listed in OPENPHENOM_DECODER: its per-channel decoders are not this project's decoder).
+
+    Sizes come from the tensors; the frozen pos_embed must be our sin-cos table repeated per channel
+    (which also gives the grid and the channel count). One quirk is kept exactly: timm's
+    ParallelScalingBlock adds cat(qkv_bias = 0, mlp_bias) to the fused [mlp | q | k | v] projection,
+    so its `mlp_bias` really lands on the last dim hidden units and on q, k, v; here that is our
+    mlp_bias (zeros, then its first dim entries) and qkv_bias (the rest)."""
+    P = OPENPHENOM
+    take = dict(state)
+    need = lambda key: take.pop(P + key) if P + key in take else _missing(path, P + key)
+    cls_token, pos, patch_w = need("cls_token"), need("pos_embed"), state.get(P + "patch_embed.proj.weight")
+    dim, depth = cls_token.shape[-1], 1 + max(int(k[len(P):].split(".")[1]) for k in state if k.startswith(P + "blocks."))
+    mlp_dim = state[P + "blocks.0.in_proj.weight"].shape[0] - 3 * dim
+    head_dim = state[P + "blocks.0.q_norm.weight"].shape[0]
+    patch = patch_w.shape[-1]
+    rows = pos.shape[1] - 1
+    is_table = lambda g: torch.allclose(pos[0, 1:].float(), sincos_2d(dim, g).repeat(rows // g ** 2, 1), atol=1e-4)
+    grid = next((g for g in range(128, 0, -1) if rows % (g * g) == 0 and is_table(g)), None)
+    if grid is None or pos[0, 0].abs().max() > 0:
+        raise SystemExit(f"{path}: {P}pos_embed is not the sin-cos table this model computes")
+    config = MAEConfig(img_size=grid * patch, patch_size=patch, in_chans=min(6, rows // grid ** 2), channel_agnostic=True,
+                       max_chans=rows // grid ** 2, dim=dim, depth=depth, heads=dim // head_dim, mlp_dim=mlp_dim,
+                       parallel_blocks=True, qk_norm=True, qkv_bias=True, layerscale_init=1e-4, drop_path=0.0,
+                       norm_eps=1e-6, dec_depth=0)
+    ours = {"cls_token": cls_token, "patch_embed.weight": need("patch_embed.proj.weight"),
+            "patch_embed.bias": need("patch_embed.proj.bias"),
+            "norm.weight": need("fc_norm.weight"), "norm.bias": need("fc_norm.bias")}  # the final norm, unused by embed()
+    for i in range(depth):
+        ours.update(parallel_block(need, f"blocks.{i}.", dim, mlp_dim))
+    left = [k for k in take if not k.startswith(OPENPHENOM_DECODER)]
+    if left:
+        raise SystemExit(f"{path}: {len(left)} tensor(s) this loader does not use, first {left[0]!r}")
+    return config, ours
+
+
+PARALLEL_NAMES = (("in_norm", "norm"), ("q_norm", "attn.q_norm"), ("k_norm", "attn.k_norm"),
+                  ("attn_out_proj", "attn.out_proj"), ("mlp_out_proj", "mlp_out"))  # timm ParallelScalingBlock -> ours
+SEQUENTIAL_NAMES = (("norm1", "norm1"), ("attn.qkv", "qkv"), ("attn.q_norm", "attn.q_norm"), ("attn.k_norm", "attn.k_norm"),
+                    ("attn.proj", "attn.out_proj"), ("ls1", "ls1"), ("norm2", "norm2"), ("mlp.fc1", "fc1"),
+                    ("mlp.fc2", "fc2"), ("ls2", "ls2"))                     # timm Block -> ours
+
+
+def parallel_block(need, b, dim, mlp_dim):
+    """One timm ParallelScalingBlock's tensors (need(key) pops them) as our ParallelBlock's."""
+    ours = {}
+    for theirs, mine in PARALLEL_NAMES:
+        ours[b + mine + ".weight"], ours[b + mine + ".bias"] = need(b + theirs + ".weight"), need(b + theirs + ".bias")
+    ours[b + "in_proj.weight"], ours[b + "ls.gamma"] = need(b + "in_proj.weight"), need(b + "ls.gamma")
+    bias = torch.cat([torch.zeros(3 * dim), need(b + "mlp_bias").float()])  # timm's placement: see from_openphenom
+    ours[b + "mlp_bias"], ours[b + "qkv_bias"] = bias[:mlp_dim], bias[mlp_dim:]
+    return ours
+
+
+def to_parallel_block(sd, b, dim, prefix=""):
+    """The inverse of parallel_block."""
+    out = {}
+    for theirs, mine in PARALLEL_NAMES:
+        out[prefix + b + theirs + ".weight"], out[prefix + b + theirs + ".bias"] = sd[b + mine + ".weight"], sd[b + mine + ".bias"]
+    out[prefix + b + "in_proj.weight"], out[prefix + b + "ls.gamma"] = sd[b + "in_proj.weight"], sd[b + "ls.gamma"]
+    bias = torch.cat([sd[b + "mlp_bias"], sd[b + "qkv_bias"]])
+    if bias[:3 * dim].abs().max() > 0:
+        raise ValueError(f"{b}mlp_bias: nonzero on the first {3 * dim} hidden units, which timm's block cannot hold")
+    out[prefix + b + "mlp_bias"] = bias[3 * dim:]
+    return out
+
+
+def to_openphenom(model):
+    """Our CA encoder -> the OpenPhenom encoder layout (the inverse of from_openphenom)."""
+    c, P = model.config, OPENPHENOM
+    sd = model.state_dict()
+    grid_rows = sincos_2d(c.dim, model.grid).repeat(c.max_chans, 1)
+    out = {P + "cls_token": sd["cls_token"], P + "pos_embed": torch.cat([torch.zeros(1, c.dim), grid_rows])[None],
+           P + "patch_embed.proj.weight": sd["patch_embed.weight"], P + "patch_embed.proj.bias": sd["patch_embed.bias"],
+           P + "fc_norm.weight": sd["norm.weight"], P + "fc_norm.bias": sd["norm.bias"]}
+    for i in range(c.depth):
+        out.update(to_parallel_block(sd, f"blocks.{i}.", c.dim, P))
+    return out
+
+
+TIMM_UNUSED = ("head.", "fc_norm.")  # a classifier and the pooled-feature norm: embed() uses neither
+
+
+def from_timm(state, path="weights"):
+    """A timm VisionTransformer state dict (standard tokenization; Block or ParallelScalingBlock; with or
+    without class token, qkv bias, QK-norm, LayerScale; any patch size, width, depth) -> (MAEConfig, our
+    state dict). The learned pos_embed is kept (and resampled for other crop sizes); heads come from
+    the QK-norm width, else timm's 64 dims per head. head.* and fc_norm.* are recognized and skipped;
+    any other tensor this does not use is an error."""
+    take = dict(state)
+    need = lambda key: take.pop(key) if key in take else _missing(path, key)
+    if "reg_token" in state:
+        raise SystemExit(f"{path}: 'reg_token' (register tokens) is not supported")
+    patch_w = state["patch_embed.proj.weight"]
+    dim, in_chans, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    parallel = "blocks.0.in_proj.weight" in state
+    class_token = "cls_token" in state
+    pos = need("pos_embed")[0]
+    grid = int(round((pos.shape[0] - class_token) ** 0.5))
+    if grid * grid + class_token != pos.shape[0]:
+        raise SystemExit(f"{path}: pos_embed has {pos.shape[0]} rows, not a class-token row and a square grid")
+    q_norm = state.get("blocks.0.q_norm.weight" if parallel else "blocks.0.attn.q_norm.weight")
+    head_dim = q_norm.shape[0] if q_norm is not None else 64
+    if parallel:
+        mlp_dim = state["blocks.0.in_proj.weight"].shape[0] - 3 * dim
+    else:
+        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+        if state["blocks.0.mlp.fc2.weight"].shape[1] != mlp_dim:
+            raise SystemExit(f"{path}: blocks.0.mlp.fc1/fc2 do not match (a gated MLP such as SwiGLU is not supported)")
+    layerscale = "blocks.0.ls.gamma" in state or "blocks.0.ls1.gamma" in state
+    config = MAEConfig(img_size=grid * patch, patch_size=patch, in_chans=in_chans, channel_agnostic=False, dim=dim,
+                       depth=depth, heads=dim // head_dim, mlp_dim=mlp_dim, parallel_blocks=parallel,
+                       qk_norm=q_norm is not None, qkv_bias=parallel or "blocks.0.attn.qkv.bias" in state,
+                       layerscale_init=1e-4 if layerscale else 0.0, drop_path=0.0, norm_eps=1e-6, dec_depth=0,
+                       class_token=class_token, learned_pos=True)
+    ours = {"patch_embed.weight": need("patch_embed.proj.weight"), "patch_embed.bias": need("patch_embed.proj.bias"),
+            "pos_table": pos}
+    if class_token:
+        ours["cls_token"] = need("cls_token")
+    # the final norm is unused by embed(); a model pooled through fc_norm has none: a neutral one stands in
+    ours["norm.weight"] = take.pop("norm.weight", torch.ones(dim))
+    ours["norm.bias"] = take.pop("norm.bias", torch.zeros(dim))
+    for i in range(depth):
+        b = f"blocks.{i}."
+        if parallel:
+            ours.update(parallel_block(need, b, dim, mlp_dim))
+            continue
+        for theirs, mine in SEQUENTIAL_NAMES:
+            for kind in ("weight", "bias", "gamma"):
+                if f"{b}{theirs}.{kind}" in take:
+                    ours[f"{b}{mine}.{kind}"] = need(f"{b}{theirs}.{kind}")
+    left = [k for k in take if not k.startswith(TIMM_UNUSED)]
+    if left:
+        raise SystemExit(f"{path}: {len(left)} tensor(s) this loader does not use, first {left[0]!r}")
+    return config, ours
+
+
+def to_timm(model):
+    """Our standard-tokenization encoder with a learned table -> timm's VisionTransformer layout."""
+    c, sd = model.config, model.state_dict()
+    out = {"patch_embed.proj.weight": sd["patch_embed.weight"], "patch_embed.proj.bias": sd["patch_embed.bias"],
+           "pos_embed": sd["pos_table"][None], "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    if c.class_token:
+        out["cls_token"] = sd["cls_token"]
+    for i in range(c.depth):
+        b = f"blocks.{i}."
+        if c.parallel_blocks:
+            out.update(to_parallel_block(sd, b, c.dim))
+            continue
+        for theirs, mine in SEQUENTIAL_NAMES:
+            for kind in ("weight", "bias", "gamma"):
+                if f"{b}{mine}.{kind}" in sd:
+                    out[f"{b}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
+    return out
+
+
+def _missing(path, key):
+    raise SystemExit(f"{path}: no tensor {key!r}, which this layout needs")
 
 
 def build(config: MAEConfig, device="cpu", verbose=True):
