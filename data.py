@@ -3,6 +3,7 @@ Microscopy images to training crops, and the built-in synthetic screen.
 
     python data.py synth   --size demo --out data/synth          # a Cell-Painting-like CRISPR screen, as TIFFs
     python data.py prepare --images data/synth/images --metadata data/synth/metadata.csv --out data/demo
+    python data.py curate  --data data/demo --out data/demo_curated  # quality, labels, consistency
     python data.py bench   --data data/demo                      # loader crops/s
 
 `prepare` cuts every image into crops and writes shards: `shard_00000.npy`, uint8 [n, C, H, W],
@@ -161,8 +162,9 @@ def choose_genes(rng, n_complexes, n_null, annotations):
     return chosen, sorted(nulls)
 
 
-def plan_screen(size, seed, annotations):
-    """The planted biology and the plate layout: who is perturbed where, and how."""
+def plan_screen(size, seed, annotations, replicates=1):
+    """The planted biology and the plate layout: who is perturbed where (each gene in `replicates` wells
+    per experiment), and how."""
     cfg = SYNTH_SIZES[size]
     rng = np.random.default_rng(seed)
     complexes, nulls = choose_genes(rng, cfg["complexes"], cfg["null_genes"], annotations)
@@ -183,7 +185,7 @@ def plan_screen(size, seed, annotations):
                  for i, t in enumerate(targets)}
     wells = []  # one row per well: experiment, plate, well, perturbation, type, concentration
     for e in range(cfg["experiments"]):
-        treatments = [(g, "gene", "") for g in sorted(effects)]
+        treatments = [(g, "gene", "") for g in sorted(effects) for _ in range(replicates)]
         treatments += [(c, "compound", conc) for c in compounds for conc in CONCENTRATIONS_UM]
         treatments = [treatments[i] for i in rng.permutation(len(treatments))]
         per_plate = WELLS_PER_PLATE - cfg["controls_per_plate"]
@@ -266,21 +268,59 @@ def plate_effects(rng, size):
                 crosstalk=rng.uniform(0, 0.15, (6, 1, 1)), read_noise=rng.uniform(0.02, 0.06), shift=shift)
 
 
-def synth(out, size="demo", seed=0, annotations="auto"):
+def plant_junk(rng, wells, effects, groups, fraction=0.05):
+    """What curation must find (data.py curate): gene wells whose images are out of focus, empty (no
+    cells) or saturated by a bright artifact, wells with no label, and complex genes whose wells do not
+    agree (a fresh random phenotype in every well). Disjoint, `fraction` of the gene wells each."""
+    gene_wells = [i for i, w in enumerate(wells) if w["perturbation_type"] == "gene"]
+    picked = rng.permutation(gene_wells)
+    n = max(1, round(fraction * len(gene_wells)))
+    kinds = ("blurred", "empty", "saturated", "unlabeled")
+    junk = {kind: sorted(int(i) for i in picked[k * n:(k + 1) * n]) for k, kind in enumerate(kinds)}
+    members = sorted(g for g in effects if groups[g])
+    junk["inconsistent"] = sorted(rng.choice(members, max(2, round(0.1 * len(members))), replace=False).tolist())
+    return junk
+
+
+def spoil(rng, image, kind, plate):
+    """Turn a rendered field into junk of one kind."""
+    if kind == "blurred":  # out of focus: a wide Gaussian blur of every channel
+        freq = np.fft.fftfreq(image.shape[-1])
+        kernel = np.exp(-2 * (np.pi * 3.0) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
+        return np.fft.ifft2(np.fft.fft2(image) * kernel).real.astype(np.float32)
+    if kind == "empty":  # no cells: background and read noise only
+        return plate["offset"][:, None, None] + rng.normal(0, plate["read_noise"], image.shape).astype(np.float32)
+    if kind == "saturated":  # a bright fluorescent speck drowning a corner of the field
+        size = image.shape[-1]
+        yy, xx = np.mgrid[0:size, 0:size]
+        disk = (yy - size * 0.25) ** 2 + (xx - size * 0.25) ** 2 < (size * 0.18) ** 2
+        image = image.copy()
+        image[:, disk] = 20.0  # 8000 * 20 > 65535: clipped in the uint16 file
+        return image
+    return image
+
+
+def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False):
     """Write a synthetic screen: images/{plate}/{well}_s{site}.tif (uint16 [6, S, S]), metadata.csv,
-    truth.json (each gene's complex and planted phenotype, each compound's target), and the inputs
-    evaluate.py takes: null_genes.txt (genes planted without effect, like unexpressed genes) and
-    compound_activity.csv (each compound's target and potency)."""
+    truth.json (each gene's complex and planted phenotype, each compound's target, the planted junk),
+    and the inputs evaluate.py takes: null_genes.txt (genes planted without effect, like unexpressed
+    genes) and compound_activity.csv (each compound's target and potency). replicates: wells per gene
+    per experiment; junk: plant bad images, unlabeled wells and inconsistent genes (plant_junk)."""
     out = Path(out)
     annotations = annotations_dir() if annotations == "auto" else annotations
     if annotations is None:
         print("annotation tables unavailable: planting the built-in complexes instead")
-    cfg, effects, groups, compounds, wells = plan_screen(size, seed, annotations)
+    cfg, effects, groups, compounds, wells = plan_screen(size, seed, annotations, replicates)
     rng = np.random.default_rng(seed + 1)
     plates = {w["plate"]: plate_effects(rng, cfg["image_size"]) for w in wells}
-    rows = []
+    planted = plant_junk(np.random.default_rng([seed, 7]), wells, effects, groups) if junk else {}
+    spoiled = {i: kind for kind in ("blurred", "empty", "saturated") for i in planted.get(kind, [])}
+    rows, junk_images = [], {kind: [] for kind in ("blurred", "empty", "saturated")}
     for i, w in enumerate(tqdm(wells, desc=f"synth {size}", unit="well")):
-        if w["perturbation_type"] == "gene":
+        if w["perturbation"] in planted.get("inconsistent", ()):
+            phenotype = np.random.default_rng([seed, i, 9]).normal(0, 1, len(FEATURES))
+            phenotype *= np.linalg.norm(effects[w["perturbation"]]) / np.linalg.norm(phenotype)
+        elif w["perturbation_type"] == "gene":
             phenotype = effects[w["perturbation"]]
         elif w["perturbation_type"] == "compound":
             c = compounds[w["perturbation"]]
@@ -292,10 +332,14 @@ def synth(out, size="demo", seed=0, annotations="auto"):
         for site in range(1, cfg["sites"] + 1):
             image = render_site(well_rng, cfg["image_size"], cfg["cell_radius"], phenotype, plates[w["plate"]])
             path = out / "images" / w["plate"] / f"{w['well']}_s{site}.tif"
+            if i in spoiled:
+                image = spoil(well_rng, image, spoiled[i], plates[w["plate"]])
+                junk_images[spoiled[i]].append(str(path.relative_to(out / "images")))
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.clip(image * 8000 + 300, 0, 65535).astype(np.uint16)
             write_atomic(path, lambda f: tifffile.imwrite(f, pixels, photometric="minisblack"))
-            rows.append([w["plate"], w["well"], site, w["perturbation"], w["perturbation_type"],
+            label = "" if i in planted.get("unlabeled", ()) else w["perturbation"]
+            rows.append([w["plate"], w["well"], site, label, w["perturbation_type"],
                          w["perturbation_type"] == "control", w["experiment"], "synthetic-U2OS",
                          w["concentration"]])
     write_csv(out / "metadata.csv", ["plate", "well", "site", "perturbation", "perturbation_type", "is_control",
@@ -304,7 +348,9 @@ def synth(out, size="demo", seed=0, annotations="auto"):
         seed=seed, size=size, features=FEATURES, channels=CHANNELS,
         annotations=str(annotations) if annotations else "builtin",
         genes={g: dict(complex=groups[g], effect=effects[g].round(4).tolist()) for g in sorted(effects)},
-        compounds=compounds))
+        compounds=compounds, replicates=replicates,
+        junk=dict(junk_images, inconsistent=planted["inconsistent"],
+                  unlabeled=[[wells[i]["plate"], wells[i]["well"]] for i in planted["unlabeled"]]) if junk else None))
     write_atomic(out / "null_genes.txt", lambda f: f.write("".join(f"{g}\n" for g in sorted(effects) if not groups[g]).encode()))
     write_csv(out / "compound_activity.csv", ["compound", "gene", "activity_um"],
               [[c, v["target"], v["ic50_um"]] for c, v in compounds.items()])
@@ -541,14 +587,16 @@ def read_index(path, columns):
 
 
 class CropDataset:
-    """A prepared dataset: crop i is row i of its index (the full index.csv, or a curated subset of
-    it over the same shards). Shards are memory-mapped on first use, so opening is cheap."""
+    """A prepared dataset: crop i is row i of its index (the full index.csv, or a subset of it over the
+    same shards: `index`, or a curated dataset whose meta.json names the source's folder as
+    shard_root). Shards are memory-mapped on first use, so opening is cheap."""
 
     def __init__(self, root, index=None):
         self.root = Path(root)
         if not (self.root / "meta.json").exists():
             raise SystemExit(f"{self.root}: not a prepared dataset (no meta.json; run data.py prepare)")
         self.meta = json.loads((self.root / "meta.json").read_text())
+        self.shard_root = self.root / self.meta.get("shard_root", ".")  # a curated dataset points at its source
         self.index_path = Path(index) if index else self.root / "index.csv"
         located = read_index(self.index_path, ["shard", "offset"])
         self.shard, self.offset = located["shard"], located["offset"]
@@ -568,7 +616,7 @@ class CropDataset:
         for j, i in enumerate(ids):
             k = self.shard[i]
             if k not in self.shards:
-                self.shards[k] = np.load(self.root / f"shard_{k:05d}.npy", mmap_mode="r")
+                self.shards[k] = np.load(self.shard_root / f"shard_{k:05d}.npy", mmap_mode="r")
             out[j] = self.shards[k][self.offset[i]]
         return out
 
@@ -666,6 +714,145 @@ def bench(data, batch_size=256, steps=50, augment=True):
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
 
 
+# ---- curation: a diverse, self-consistent training set (the paper's step 1) ---------------------------
+
+def crop_quality(x, nuclear=0):
+    """Per uint8 crop [B, C, H, W]: focus (variance of the Laplacian of the nuclear channel over its
+    variance: blur lowers it), structure (correlation of neighbouring nuclear pixels: ~0 for a field
+    of noise, ~1 with nuclei), saturated (fraction of pixels at 255 in any channel). All three ignore
+    the per-image contrast stretch of prepare."""
+    dna = x[:, nuclear].float()
+    centered = dna - dna.mean((-2, -1), keepdim=True)
+    var = centered.pow(2).mean((-2, -1)) + 1e-6
+    lap = 4 * dna[:, 1:-1, 1:-1] - dna[:, :-2, 1:-1] - dna[:, 2:, 1:-1] - dna[:, 1:-1, :-2] - dna[:, 1:-1, 2:]
+    focus = lap.var((-2, -1)) / var
+    structure = ((centered[:, 1:] * centered[:, :-1]).mean((-2, -1)) + (centered[:, :, 1:] * centered[:, :, :-1]).mean((-2, -1))) / (2 * var)
+    saturated = (x == 255).any(1).float().mean((-2, -1))
+    return torch.stack([focus, structure, saturated], 1)
+
+
+def cauchy_combination(p_values, weights=None):
+    """Combine p-values of one hypothesis tested in several experiments, valid under any dependence
+    (Liu & Xie 2020): T = sum w_i tan((0.5 - p_i) pi), p = 0.5 - arctan(T / sum w) / pi."""
+    p = np.clip(np.asarray(p_values, np.float64), 1e-300, 1 - 1e-16)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, np.float64)
+    t = (w * np.tan((0.5 - p) * np.pi)).sum() / w.sum()
+    return float(0.5 - np.arctan(t) / np.pi)
+
+
+def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_min=0.5, structure_min=0.3,
+           saturated_max=0.05, min_experiments=3, min_wells=20, alpha=0.01, control="non-targeting",
+           positive_controls=(), negative_fraction=0.3, positive_fraction=0.1, batch_size=256, seed=0):
+    """A curated crop index over the same shards, and a report of what each rule dropped:
+    1. image quality (per image, from its crops): out of focus (median focus < focus_min x its plate's
+       median), empty (max structure < structure_min), saturated (max saturated > saturated_max);
+    2. labels: wells with no perturbation, or several (';' '|' ','); perturbations (controls aside) in
+       fewer than min_experiments experiments or min_wells wells;
+    3. consistency: per experiment, evaluate.replicate_consistency on the wells' embeddings (a model's
+       with ckpt, given ones with embeddings: [wells, D] in evaluate.well_table order, as evaluate.py
+       writes them; else hand-crafted features of the crops that passed 1-2), aligned per plate by TVN
+       (evaluate.align, 99% of the control variance); the experiments' p-values combined by the Cauchy combination test;
+       perturbations with combined p >= alpha (or no experiment with two wells) dropped;
+    4. controls undersampled: negative_fraction of the control wells, positive_fraction of the
+       positive-control wells (random, by seed).
+    `out` becomes a dataset train.py, probe.py and evaluate.py open like any other (no pixel copied)."""
+    import evaluate  # evaluate.py imports this module: import it when curating, not at load
+    source, out = CropDataset(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_csv(source.index_path)
+    channels = source.meta["channels"]
+    nuclear = channels.index(nuclear_channel) if nuclear_channel in channels else 0
+    report = {"crops": len(rows)}
+    # 1. image quality
+    quality = torch.cat([crop_quality(torch.from_numpy(source.crops(range(i, min(i + 1024, len(rows))))), nuclear)
+                         for i in tqdm(range(0, len(rows), 1024), desc="quality", unit="batch")]).numpy()
+    images, image_of = np.unique([r["source"] for r in rows], return_inverse=True)
+    per_image = np.stack([[np.median(quality[image_of == k, 0]), quality[image_of == k, 1].max(),
+                           quality[image_of == k, 2].max()] for k in range(len(images))])
+    plate_of_image = np.array([rows[np.flatnonzero(image_of == k)[0]]["plate"] for k in range(len(images))])
+    plate_focus = {p: np.median(per_image[plate_of_image == p, 0]) for p in set(plate_of_image)}
+    bad = {"blurred": per_image[:, 0] < focus_min * np.array([plate_focus[p] for p in plate_of_image]),
+           "empty": per_image[:, 1] < structure_min, "saturated": per_image[:, 2] > saturated_max}
+    report["images"] = {"total": len(images), **{k: sorted(images[v].tolist()) for k, v in bad.items()}}
+    keep = ~np.any([v[image_of] for v in bad.values()], 0)
+    # 2. labels and counts
+    label = np.array([r["perturbation"] for r in rows], dtype=str)
+    experiment = np.array([r.get("experiment", r["plate"]) for r in rows], dtype=str)
+    well = np.char.add(np.char.add(np.array([r["plate"] for r in rows], dtype=str), "/"), np.array([r["well"] for r in rows], dtype=str))
+    unlabeled = (label == "") | (np.char.find(label, ";") >= 0) | (np.char.find(label, "|") >= 0) | (np.char.find(label, ",") >= 0)
+    report["wells_unlabeled"] = sorted(set(well[unlabeled].tolist()))
+    keep &= ~unlabeled
+    controls = set(positive_controls) | {control}
+    seen = {}
+    for p, e, w in zip(label[keep], experiment[keep], well[keep]):
+        seen.setdefault(p, (set(), set()))
+        seen[p][0].add(e)
+        seen[p][1].add(w)
+    too_rare = sorted(p for p, (es, ws) in seen.items() if p not in controls and (len(es) < min_experiments or len(ws) < min_wells))
+    report["perturbations_too_rare"] = too_rare
+    keep &= ~np.isin(label, too_rare)
+    # 3. consistency, from well embeddings of the crops kept so far
+    if embeddings is not None:
+        well_of_crop, well_rows = evaluate.well_table(source)
+        present = np.unique(well_of_crop[keep])
+        wells_features, well_rows = np.load(embeddings, mmap_mode="r")[None, present], [well_rows[i] for i in present]
+    else:
+        if ckpt is None:
+            encode = lambda x: evaluate.handcrafted_features(x.cpu())[None]
+        else:
+            model = __import__("model").from_pretrained(ckpt).eval()
+            encode = lambda x: model.embed(x)
+        index_so_far = out / "quality_index.csv"
+        write_csv(index_so_far, list(rows[0]), [list(r.values()) for r, k in zip(rows, keep) if k])
+        wells_features, well_rows = evaluate.embed_wells(encode, CropDataset(data, index_so_far),
+                                                         out / "curate_features.npy", batch_size)
+        index_so_far.unlink()
+    x = np.asarray(wells_features[0], np.float64)
+    w_label = np.array([r["perturbation"] + (f"@{r['concentration']}" if r.get("concentration") else "")
+                        for r in well_rows], dtype=str)  # a compound's replicates share its concentration
+    w_plate = np.array([r["plate"] for r in well_rows], dtype=str)
+    w_experiment = np.array([r.get("experiment", r["plate"]) for r in well_rows], dtype=str)
+    p_values = {}
+    for e in sorted(set(w_experiment)):
+        rows_e = w_experiment == e
+        aligned = evaluate.align(x[rows_e], w_plate[rows_e], w_label[rows_e] == control, "tvn", out / "curate_aligned.npy", 0.99)
+        tested = [p for p in set(w_label[rows_e]) - controls if (w_label[rows_e] == p).sum() >= 2]
+        if tested:
+            _, p_e = evaluate.replicate_consistency(aligned, w_label[rows_e], w_plate[rows_e], control=control, seed=seed)
+            for p in tested:
+                p_values.setdefault(p, []).append(p_e[p])
+    combined = {p: cauchy_combination(v) for p, v in p_values.items()}
+    candidates = set(w_label) - controls
+    inconsistent = sorted(p for p in candidates if combined.get(p, 1.0) >= alpha)
+    report["consistency"] = {"alpha": alpha, "combined_p": combined, "dropped": inconsistent,
+                             "untested": sorted(candidates - set(combined))}
+    key = np.array([r["perturbation"] + (f"@{r['concentration']}" if r.get("concentration") else "") for r in rows], dtype=str)
+    keep &= ~np.isin(key, inconsistent)
+    # 4. controls undersampled, whole wells at a time
+    rng = np.random.default_rng(seed)
+    for names, fraction in (({control}, negative_fraction), (set(positive_controls), positive_fraction)):
+        control_wells = sorted(set(well[keep & np.isin(label, list(names))].tolist()))
+        dropped = set(np.array(control_wells)[rng.random(len(control_wells)) >= fraction].tolist()) if control_wells else set()
+        keep &= ~np.isin(well, list(dropped))
+        report[f"control_wells_{'negative' if control in names else 'positive'}"] = dict(
+            before=len(control_wells), kept=len(control_wells) - len(dropped))
+    kept_rows = [r for r, k in zip(rows, keep) if k]
+    report.update(crops_kept=len(kept_rows), wells_kept=len(set(well[keep].tolist())),
+                  perturbations_kept=len(set(label[keep].tolist()) - controls),
+                  per_experiment={e: dict(crops=int((keep & (experiment == e)).sum()), wells=len(set(well[keep & (experiment == e)].tolist())))
+                                  for e in sorted(set(experiment))})
+    write_csv(out / "index.csv", list(rows[0]), [list(r.values()) for r in kept_rows])
+    write_json(out / "curate_report.json", report)
+    meta = dict(source.meta, crops=len(kept_rows), curated_from=str(Path(data).resolve()),
+                shard_root=os.path.relpath(source.shard_root.resolve(), out.resolve()))
+    write_json(out / "meta.json", meta)  # last: the dataset is complete
+    print(f"{out}: kept {len(kept_rows)} of {len(rows)} crops, {report['wells_kept']} wells, "
+          f"{report['perturbations_kept']} perturbations; dropped images " +
+          ", ".join(f"{k} {len(report['images'][k])}" for k in bad) +
+          f"; unlabeled wells {len(report['wells_unlabeled'])}; rare {len(too_rare)}; inconsistent {len(inconsistent)}")
+    return report
+
+
 def random_dataset(out, crops=2048, channels=6, size=256, seed=0):
     """A dataset of random crops written through `prepare` (for the loader benchmark)."""
     rng = np.random.default_rng(seed)
@@ -689,6 +876,8 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--size", choices=sorted(SYNTH_SIZES), default="demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicates", type=int, default=1, help="wells per gene per experiment")
+    p.add_argument("--junk", action="store_true", help="plant bad images, unlabeled wells, inconsistent genes")
     p = commands.add_parser("prepare", help="TIFFs + metadata CSV -> shards of uint8 crops")
     p.add_argument("--images", required=True, help="folder of TIFFs")
     p.add_argument("--metadata", required=True, help="CSV with plate, well, site and any other columns")
@@ -705,6 +894,21 @@ def main(argv=None):
     p.add_argument("--percentiles", type=lambda s: tuple(map(float, s.split(","))), default=(0.1, 99.9))
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--on-error", dest="on_error", choices=["raise", "skip"], default="raise")
+    p = commands.add_parser("curate", help="a curated crop index over the same shards (quality, labels, consistency)")
+    p.add_argument("--data", required=True, help="a prepared dataset")
+    p.add_argument("--out", required=True, help="folder of the curated dataset (index.csv, meta.json, curate_report.json)")
+    p.add_argument("--embeddings", help="[wells, D] .npy in evaluate.well_table order (default: hand-crafted features)")
+    p.add_argument("--ckpt", help="embed the wells with this model instead")
+    p.add_argument("--focus_min", type=float, default=0.5)
+    p.add_argument("--structure_min", type=float, default=0.3)
+    p.add_argument("--saturated_max", type=float, default=0.05)
+    p.add_argument("--min_experiments", type=int, default=3)
+    p.add_argument("--min_wells", type=int, default=20)
+    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--control", default="non-targeting")
+    p.add_argument("--positive_controls", type=lambda v: v.split(","), default=[])
+    p.add_argument("--negative_fraction", type=float, default=0.3)
+    p.add_argument("--positive_fraction", type=float, default=0.1)
     p = commands.add_parser("bench", help="loader crops/s")
     p.add_argument("--data", help="a prepared dataset (default: 2,048 random 256x256x6 crops in a temporary folder)")
     p.add_argument("--batch_size", type=int, default=256)
@@ -716,6 +920,8 @@ def main(argv=None):
         synth(**args)
     elif command == "prepare":
         prepare(**args)
+    elif command == "curate":
+        curate(**args)
     elif args["data"]:
         bench(**args)
     else:
