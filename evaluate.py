@@ -450,6 +450,18 @@ def mean_pairwise_cosine(x):
     return float(c[torch.tril_indices(len(x), len(x), -1).unbind()].mean())
 
 
+def matched_null(features, signature, wells_of, groups, rng):
+    """Sorted mean pairwise cosines of `groups` random groups of wells, one well from each batch of
+    `signature` (a batch named twice gives two different wells)."""
+    picks = np.stack([np.concatenate([rng.choice(wells_of[b], signature.count(b), replace=len(wells_of[b]) < signature.count(b))
+                                      for b in sorted(set(signature))]) for _ in range(groups)])
+    used, where = np.unique(picks, return_inverse=True)
+    u = unit_rows(np.asarray(features[used], np.float64))[torch.from_numpy(where.reshape(picks.shape))]
+    cos = (u @ u.transpose(1, 2)).clamp(-1, 1)
+    k = picks.shape[1]
+    return np.sort(((cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(1)) / (k * (k - 1))).numpy())
+
+
 def replicate_consistency(features, perturbations, batches, null_perturbations=(), control="non-targeting",
                           null_groups=1000, pairs=200_000, seed=0):
     """Are a perturbation's replicate wells more alike than chance?
@@ -457,7 +469,9 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
     Per perturbation (controls and null perturbations excluded), the mean pairwise cosine of its wells,
     with p = 1 - searchsorted(null, value) / len(null) (efaar-benchmarking's definition): the null is
     the same metric over the null perturbations (e.g. unexpressed genes) when given, otherwise over
-    random groups of wells of matched size (`null_groups` per size, fixed seed). Also the KS and
+    random groups of non-control wells drawn from the same batches as the perturbation's wells
+    (`null_groups` per batch signature, fixed seed): replicates that share a plate share its leftover
+    plate effect, and so must the null, or that effect passes for consistency. Also the KS and
     Cramer-von Mises statistics of replicate-pair vs non-replicate-pair well cosines (up to `pairs`
     sampled pairs each), over all pairs and over pairs in different batches only."""
     perturbations, batches = np.asarray(perturbations, str), np.asarray(batches, str)
@@ -471,15 +485,15 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
         raise SystemExit("replicate consistency: no perturbation has two or more wells")
     values = {p: mean_pairwise_cosine(read(ids)) for p, ids in tested}
     if null_set:
-        null = [mean_pairwise_cosine(read(ids)) for p, ids in zip(names, members) if p in null_set and len(ids) >= 2]
+        null = np.sort([mean_pairwise_cosine(read(ids)) for p, ids in zip(names, members) if p in null_set and len(ids) >= 2])
+        p_values = {p: float(1 - np.searchsorted(null, v) / len(null)) for p, v in values.items()}
         null_kind = f"{len(null)} null perturbations"
     else:
-        pool = np.flatnonzero(perturbations != control)
-        sizes = sorted({len(ids) for _, ids in tested})
-        null = [mean_pairwise_cosine(read(rng.choice(pool, k, replace=False))) for k in sizes for _ in range(null_groups)]
-        null_kind = f"{null_groups} random groups of wells per replicate count"
-    null = np.sort(null)
-    p_values = {p: float(1 - np.searchsorted(null, v) / len(null)) for p, v in values.items()}
+        wells_of = {b: np.flatnonzero((batches == b) & (perturbations != control)) for b in np.unique(batches)}
+        signature = {p: tuple(sorted(batches[ids])) for p, ids in tested}
+        nulls = {sig: matched_null(features, sig, wells_of, null_groups, rng) for sig in sorted(set(signature.values()))}
+        p_values = {p: float(1 - np.searchsorted(nulls[signature[p]], v) / null_groups) for p, v in values.items()}
+        null_kind = f"{null_groups} random well groups per batch signature ({len(nulls)} signatures)"
     result = {"n_perturbations": len(values), "null": null_kind,
               "fraction_p_below_0.01": float(np.mean([v < 0.01 for v in p_values.values()])),
               "mean_cosine": float(np.mean(list(values.values())))}
