@@ -800,7 +800,8 @@ def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_m
         if ckpt is None:
             encode = lambda x: evaluate.handcrafted_features(x.cpu())[None]
         else:
-            model = __import__("model").from_pretrained(ckpt).eval()
+            import model as mae  # only when a model embeds: data.py stays free of it otherwise
+            model = mae.from_pretrained(ckpt).eval()
             encode = lambda x: model.embed(x)
         index_so_far = out / "quality_index.csv"
         write_csv(index_so_far, list(rows[0]), [list(r.values()) for r, k in zip(rows, keep) if k])

@@ -389,23 +389,17 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     q32 = query32.double().cpu().numpy()
     flat = (pair_i * n + pair_j).cpu().numpy()
 
-    def above(t64):  # is each query's float64 cosine > t64? float32 decides unless within 2e
-        result = q32 > t64
+    def beyond(t64, side):  # is each query's float64 cosine above (side 1) / below (-1) t64? float32
+        result = side * (q32 - t64) > 0  # decides unless within 2e, where the float64 value does
         unsure = np.flatnonzero(np.abs(q32 - t64) <= 2 * e)
-        result[unsure] = [value_of[f] > t64 for f in flat[unsure]]
-        return result
-
-    def below(t64):
-        result = q32 < t64
-        unsure = np.flatnonzero(np.abs(q32 - t64) <= 2 * e)
-        result[unsure] = [value_of[f] < t64 for f in flat[unsure]]
+        result[unsure] = [side * (value_of[f] - t64) > 0 for f in flat[unsure]]
         return result
 
     hits = {}
     for (lt, rt), (kl, kr) in cuts.items():
         # count(null <= q) <= kl  <=>  q < s[kl];  count(null < q) >= kr  <=>  q > s[kr - 1]
-        left = np.ones(len(q32), bool) if kl >= pairs_total else (below(stats[kl]) if kl >= 0 else np.zeros(len(q32), bool))
-        right = np.ones(len(q32), bool) if kr <= 0 else (above(stats[kr - 1]) if kr <= pairs_total else np.zeros(len(q32), bool))
+        left = np.ones(len(q32), bool) if kl >= pairs_total else (beyond(stats[kl], -1) if kl >= 0 else np.zeros(len(q32), bool))
+        right = np.ones(len(q32), bool) if kr <= 0 else (beyond(stats[kr - 1], 1) if kr <= pairs_total else np.zeros(len(q32), bool))
         hits[lt, rt] = left | right
     results, start = {}, 0
     for source, (a, b) in queries.items():
