@@ -200,11 +200,16 @@ def plan_screen(size, seed, annotations, replicates=1):
     return cfg, effects, groups, compounds, wells
 
 
+def gaussian_blur(image, sigma):
+    """Blur the last two (square) axes by a Gaussian of width sigma pixels (periodic, through the FFT)."""
+    freq = np.fft.fftfreq(image.shape[-1])
+    kernel = np.exp(-2 * (np.pi * sigma) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
+    return np.fft.ifft2(np.fft.fft2(image) * kernel).real
+
+
 def blurred_noise(rng, size, sigma):
     """White noise smoothed by a Gaussian of width sigma (pixels), rescaled to unit variance."""
-    freq = np.fft.fftfreq(size)
-    kernel = np.exp(-2 * (np.pi * sigma) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
-    field = np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) * kernel).real
+    field = gaussian_blur(rng.normal(size=(size, size)), sigma)
     return field / (field.std() + 1e-8)
 
 
@@ -285,9 +290,7 @@ def plant_junk(rng, wells, effects, groups, fraction=0.05):
 def spoil(rng, image, kind, plate):
     """Turn a rendered field into junk of one kind."""
     if kind == "blurred":  # out of focus: a wide Gaussian blur of every channel
-        freq = np.fft.fftfreq(image.shape[-1])
-        kernel = np.exp(-2 * (np.pi * 3.0) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
-        return np.fft.ifft2(np.fft.fft2(image) * kernel).real.astype(np.float32)
+        return gaussian_blur(image, 3.0).astype(np.float32)
     if kind == "empty":  # no cells: background and read noise only
         return plate["offset"][:, None, None] + rng.normal(0, plate["read_noise"], image.shape).astype(np.float32)
     if kind == "saturated":  # a bright fluorescent speck drowning a corner of the field
@@ -716,6 +719,22 @@ def bench(data, batch_size=256, steps=50, augment=True):
 
 # ---- curation: a diverse, self-consistent training set (the paper's step 1) ---------------------------
 
+def laplacian(x):
+    """The 5-point discrete Laplacian over the last two axes (the interior pixels)."""
+    return 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+
+
+def group_rows(keys):
+    """The distinct keys (sorted) and, for each, the indices of its rows in their original order."""
+    names, group = np.unique(keys, return_inverse=True)
+    return names, np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1])
+
+
+def replicate_key(rows, column="perturbation"):
+    """Which wells are replicates of each other: the perturbation, and a compound's concentration."""
+    return np.array([r[column] + (f"@{r['concentration']}" if r.get("concentration") else "") for r in rows], dtype=str)
+
+
 def crop_quality(x, nuclear=0):
     """Per uint8 crop [B, C, H, W]: focus (variance of the Laplacian of the nuclear channel over its
     variance: blur lowers it), structure (correlation of neighbouring nuclear pixels: ~0 for a field
@@ -724,8 +743,7 @@ def crop_quality(x, nuclear=0):
     dna = x[:, nuclear].float()
     centered = dna - dna.mean((-2, -1), keepdim=True)
     var = centered.pow(2).mean((-2, -1)) + 1e-6
-    lap = 4 * dna[:, 1:-1, 1:-1] - dna[:, :-2, 1:-1] - dna[:, 2:, 1:-1] - dna[:, 1:-1, :-2] - dna[:, 1:-1, 2:]
-    focus = lap.var((-2, -1)) / var
+    focus = laplacian(dna).var((-2, -1)) / var
     structure = ((centered[:, 1:] * centered[:, :-1]).mean((-2, -1)) + (centered[:, :, 1:] * centered[:, :, :-1]).mean((-2, -1))) / (2 * var)
     saturated = (x == 255).any(1).float().mean((-2, -1))
     return torch.stack([focus, structure, saturated], 1)
@@ -766,15 +784,16 @@ def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_m
     # 1. image quality
     quality = torch.cat([crop_quality(torch.from_numpy(source.crops(range(i, min(i + 1024, len(rows))))), nuclear)
                          for i in tqdm(range(0, len(rows), 1024), desc="quality", unit="batch")]).numpy()
-    images, image_of = np.unique([r["source"] for r in rows], return_inverse=True)
-    per_image = np.stack([[np.median(quality[image_of == k, 0]), quality[image_of == k, 1].max(),
-                           quality[image_of == k, 2].max()] for k in range(len(images))])
-    plate_of_image = np.array([rows[np.flatnonzero(image_of == k)[0]]["plate"] for k in range(len(images))])
+    images, crops_of = group_rows([r["source"] for r in rows])
+    per_image = np.stack([[np.median(quality[c, 0]), quality[c, 1].max(), quality[c, 2].max()] for c in crops_of])
+    plate_of_image = np.array([rows[c[0]]["plate"] for c in crops_of])
     plate_focus = {p: np.median(per_image[plate_of_image == p, 0]) for p in set(plate_of_image)}
     bad = {"blurred": per_image[:, 0] < focus_min * np.array([plate_focus[p] for p in plate_of_image]),
            "empty": per_image[:, 1] < structure_min, "saturated": per_image[:, 2] > saturated_max}
     report["images"] = {"total": len(images), **{k: sorted(images[v].tolist()) for k, v in bad.items()}}
-    keep = ~np.any([v[image_of] for v in bad.values()], 0)
+    keep = np.ones(len(rows), bool)
+    for k in np.flatnonzero(np.any(list(bad.values()), 0)):
+        keep[crops_of[k]] = False
     # 2. labels and counts
     label = np.array([r["perturbation"] for r in rows], dtype=str)
     experiment = np.array([r.get("experiment", r["plate"]) for r in rows], dtype=str)
@@ -809,8 +828,7 @@ def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_m
                                                          out / "curate_features.npy", batch_size)
         index_so_far.unlink()
     x = np.asarray(wells_features[0], np.float64)
-    w_label = np.array([r["perturbation"] + (f"@{r['concentration']}" if r.get("concentration") else "")
-                        for r in well_rows], dtype=str)  # a compound's replicates share its concentration
+    w_label = replicate_key(well_rows)
     w_plate = np.array([r["plate"] for r in well_rows], dtype=str)
     w_experiment = np.array([r.get("experiment", r["plate"]) for r in well_rows], dtype=str)
     p_values = {}
@@ -827,8 +845,7 @@ def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_m
     inconsistent = sorted(p for p in candidates if combined.get(p, 1.0) >= alpha)
     report["consistency"] = {"alpha": alpha, "combined_p": combined, "dropped": inconsistent,
                              "untested": sorted(candidates - set(combined))}
-    key = np.array([r["perturbation"] + (f"@{r['concentration']}" if r.get("concentration") else "") for r in rows], dtype=str)
-    keep &= ~np.isin(key, inconsistent)
+    keep &= ~np.isin(replicate_key(rows), inconsistent)
     # 4. controls undersampled, whole wells at a time
     rng = np.random.default_rng(seed)
     for names, fraction in (({control}, negative_fraction), (set(positive_controls), positive_fraction)):

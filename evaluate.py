@@ -109,8 +109,7 @@ def align(features, batches, is_control, method, out_path, pca_dims=None):
                      redundant features (hand-crafted ones) keep 99% of the variance, not all.
     none             copy
 
-    Two passes over the controls (statistics, then the PCA covariance), one over all wells, one batch
-    in memory at a time."""
+    One pass over the controls (for the PCA), one over all wells, one batch in memory at a time."""
     if method not in ("none", "centerscale", "pca_centerscale", "tvn"):
         raise ValueError(f"unknown alignment {method!r}")
     batch_names, batch_of = np.unique(batches, return_inverse=True)
@@ -140,7 +139,8 @@ def align(features, batches, is_control, method, out_path, pca_dims=None):
         if method != "none":
             x = center_scale(x, x[ctrl])
         if rotation is not None:
-            x = center_scale(x @ rotation, (x @ rotation)[ctrl])
+            x = x @ rotation
+            x = center_scale(x, x[ctrl])
         if method == "tvn":
             x = x @ inverse_sqrt(np.cov(x[ctrl], rowvar=False, ddof=1) + 0.5 * np.eye(x.shape[1]))
         out[ids] = x
@@ -165,19 +165,17 @@ def chromosome_arm_correction(features, labels, arm_of):
 
 def aggregate(features, keys, method="mean", chunk=65536):
     """Mean or median of the rows of each key (streamed over a memory-mapped [wells, D])."""
-    names, group = np.unique(keys, return_inverse=True)
-    if method == "mean":
-        sums = torch.zeros(len(names), features.shape[1], dtype=torch.float64)
-        for s in range(0, len(features), chunk):
-            sums.index_add_(0, torch.from_numpy(group[s:s + chunk]),
-                            torch.from_numpy(np.asarray(features[s:s + chunk], np.float64)))
-        return names, (sums / torch.from_numpy(np.bincount(group))[:, None]).numpy()
     if method == "median":
-        order = np.argsort(group, kind="stable")
-        bounds = np.cumsum(np.bincount(group))[:-1]
-        return names, np.stack([np.median(np.asarray(features[np.sort(ids)], np.float64), 0)
-                                for ids in np.split(order, bounds)])
-    raise ValueError(f"unknown aggregation {method!r}")
+        names, members = data.group_rows(keys)
+        return names, np.stack([np.median(np.asarray(features[ids], np.float64), 0) for ids in members])
+    if method != "mean":
+        raise ValueError(f"unknown aggregation {method!r}")
+    names, group = np.unique(keys, return_inverse=True)
+    sums = torch.zeros(len(names), features.shape[1], dtype=torch.float64)
+    for s in range(0, len(features), chunk):
+        sums.index_add_(0, torch.from_numpy(group[s:s + chunk]),
+                        torch.from_numpy(np.asarray(features[s:s + chunk], np.float64)))
+    return names, (sums / torch.from_numpy(np.bincount(group))[:, None]).numpy()
 
 
 # ---- Relate: known-relationship recall ----------------------------------------------------------
@@ -257,8 +255,8 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, samp
     keeps the pairs inside. The float32 value t32 of rank r is then exact, and the float64 value is the
     rank among the pairs within 2e of t32 (e: float32_error_bound), recomputed in float64. Should a
     window miss its rank (the sample misled), the pass is repeated with wider windows. Returns
-    {rank: t64}, the float32 query cosines, and {flat pair index i*n+j: float64 cosine} of the pairs
-    recomputed in float64."""
+    {rank: t64}, the float32 query cosines, {flat pair index i*n+j: float64 cosine} of the pairs
+    recomputed in float64, and e."""
     n, d = x64.shape
     e = float32_error_bound(d, chunks)
     x32 = x64.float()
@@ -320,7 +318,7 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, samp
             stats = {r: sorted(value_of[f] for f in candidates.tolist())[r - count_below]
                      for r, (count_below, candidates) in exact.items()}
             query32 = torch.empty_like(query32).scatter_(0, order.to(x64.device), query32)
-            return stats, query32, value_of
+            return stats, query32, value_of, e
         window *= 4
 
 
@@ -382,10 +380,9 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the error bound assumes true float32 products
     try:
-        stats, query32, value_of = cosine_order_statistics(x, ranks, pair_i, pair_j)
+        stats, query32, value_of, e = cosine_order_statistics(x, ranks, pair_i, pair_j)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    e = float32_error_bound(x.shape[1], 4)
     q32 = query32.double().cpu().numpy()
     flat = (pair_i * n + pair_j).cpu().numpy()
 
@@ -420,16 +417,19 @@ def ks_statistic(a, b):
     return float(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max())
 
 
+def mid_ranks(values):
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    ranks = np.empty(len(values))
+    ranks[np.argsort(values, kind="stable")] = np.arange(1, len(values) + 1)
+    _, inverse = np.unique(values, return_inverse=True)
+    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+
+
 def cvm_statistic(a, b):
     """Two-sample Cramer-von Mises statistic T (Anderson 1962; scipy's cramervonmises_2samp), with
     mid-ranks for ties."""
     n, m = len(a), len(b)
-    both = np.concatenate([a, b])
-    order = np.argsort(both, kind="stable")
-    ranks = np.empty(n + m)
-    ranks[order] = np.arange(1, n + m + 1)
-    values, inverse = np.unique(both, return_inverse=True)  # ties share their mean rank
-    ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    ranks = mid_ranks(np.concatenate([a, b]))
     r, s = np.sort(ranks[:n]), np.sort(ranks[n:])
     u = n * ((r - np.arange(1, n + 1)) ** 2).sum() + m * ((s - np.arange(1, m + 1)) ** 2).sum()
     return float(u / (n * m * (n + m)) - (4 * m * n - 1) / (6 * (m + n)))
@@ -470,8 +470,7 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
     sampled pairs each), over all pairs and over pairs in different batches only."""
     perturbations, batches = np.asarray(perturbations, str), np.asarray(batches, str)
     rng = np.random.default_rng(seed)
-    names, group = np.unique(perturbations, return_inverse=True)
-    members = np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1])
+    names, members = data.group_rows(perturbations)
     read = lambda ids: np.asarray(features[np.sort(ids)], np.float64)
     null_set = set(null_perturbations)
     tested = [(p, ids) for p, ids in zip(names, members) if p != control and p not in null_set and len(ids) >= 2]
@@ -500,8 +499,9 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
         rep = rep[rng.choice(len(rep), pairs, replace=False)]
 
     def cosines(p):
-        u = unit_rows(np.asarray(features[np.sort(np.unique(p))], np.float64))
-        where = np.searchsorted(np.sort(np.unique(p)), p)
+        used, where = np.unique(p, return_inverse=True)
+        u = unit_rows(np.asarray(features[used], np.float64))
+        where = where.reshape(p.shape)
         return (u[where[:, 0]] * u[where[:, 1]]).sum(1).numpy()
 
     for name, keep in (("", lambda p: np.ones(len(p), bool)), ("_cross_batch", lambda p: batches[p[:, 0]] != batches[p[:, 1]])):
@@ -529,10 +529,7 @@ def average_precision(scores, positive):
 
 def roc_auc(scores, positive):
     """P(score of a positive > score of a negative), ties counted half (Mann-Whitney with mid-ranks)."""
-    values, inverse = np.unique(scores, return_inverse=True)
-    ranks = np.empty(len(scores))
-    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
-    ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    ranks = mid_ranks(scores)
     p, n = positive.sum(), (~positive).sum()
     return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
 
@@ -615,7 +612,7 @@ def handcrafted_features(x):
     mean, std = flat.mean(-1), flat.std(-1) + 1e-6
     pct = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9, 0.99]), dim=-1).permute(1, 2, 0)
     grad = ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((-2, -1)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((-2, -1))) / std
-    lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).std((-2, -1)) / std
+    lap = data.laplacian(x).std((-2, -1)) / std
     power = torch.fft.rfft2(x - mean[..., None, None]).abs() ** 2
     radius = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None] ** 2)
     bands = torch.stack([power[..., (radius >= lo) & (radius < hi)].sum(-1) for lo, hi in ((0, 0.05), (0.05, 0.15), (0.15, 1))], -1)
@@ -651,7 +648,6 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     perturbation, batch = column(perturbation_col), column(batch_col)
     kind = column("perturbation_type", "gene")
     kind[perturbation == control] = "control"
-    concentration = column("concentration")
     # Filter: unlabeled wells, dropped perturbations, perturbations seen in too few wells
     names, counts = np.unique(perturbation, return_counts=True)
     too_few = set(names[counts < min_wells]) - {control}
@@ -661,7 +657,8 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         raise SystemExit(f"metadata: no control wells ({perturbation_col} == {control!r}); pass --control")
     aligned = align(_rows(features, ids), batch[ids], perturbation[ids] == control, align_method, out / "aligned.npy",
                     pca_dims)
-    perturbation, batch, kind, concentration = perturbation[ids], batch[ids], kind[ids], concentration[ids]
+    perturbation, batch, kind = perturbation[ids], batch[ids], kind[ids]
+    replicates = data.replicate_key(wells, perturbation_col)[ids]  # a compound's wells are replicates at one concentration
     # Aggregate: genes (and any non-compound perturbation) to one row each; compounds per concentration
     genes = kind != "control"
     genes &= kind != "compound"
@@ -673,15 +670,13 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         wells=int(len(wells)), wells_used=int(len(ids)), control_wells=int((kind == "control").sum()),
         batches=int(len(set(batch))), genes=int(len(gene_names)), dims=int(aligned.shape[1])))
     report["recall"] = known_relationship_recall(gene_map, gene_names, sources, annotations_dir=annotations)
-    replicate_of = np.where(concentration == "", perturbation, np.char.add(np.char.add(perturbation, "@"), concentration))
-    consistency, p_values = replicate_consistency(aligned, replicate_of, batch, null_perturbations, control)
+    consistency, p_values = replicate_consistency(aligned, replicates, batch, null_perturbations, control)
     report["consistency"] = consistency
     clusters_summary, clusters = cluster_benchmark(gene_map, gene_names, annotations)
     report["clusters"] = dict(clusters_summary, per_cluster=clusters)
     compounds = kind == "compound"
     if compound_activity and compounds.any():
-        keys = np.char.add(np.char.add(perturbation[compounds], "@"), concentration[compounds])
-        names, compound_map = aggregate(aligned[np.flatnonzero(compounds)], keys, aggregate_method)
+        names, compound_map = aggregate(aligned[np.flatnonzero(compounds)], replicates[compounds], aggregate_method)
         table = [(r["compound"], r["gene"], float(r["activity_um"])) for r in data.read_csv(compound_activity)]
         summary, per_compound = compound_gene_activity(compound_map, [n.rsplit("@", 1)[0] for n in names],
                                                        gene_map, gene_names, table)

@@ -74,7 +74,7 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
     x = evaluate.unit_rows(structured_map(rng, 300, 40))
     full = np.sort((x @ x.T).numpy()[np.triu_indices(300, 1)])
     ranks = [0, 17, 2242, 22425, 44850 - 1]
-    stats, _, _ = evaluate.cosine_order_statistics(x, ranks, torch.zeros(0, dtype=torch.long),
+    stats, _, _, _ = evaluate.cosine_order_statistics(x, ranks, torch.zeros(0, dtype=torch.long),
                                                    torch.zeros(0, dtype=torch.long), sample_rows=3, window=1e-6)
     for r in ranks:
         assert abs(stats[r] - full[r]) < 1e-15
