@@ -1,10 +1,11 @@
 """
 Microscopy images to training crops, and the built-in synthetic screen.
 
-    python data.py synth   --size demo --out data/synth          # a Cell-Painting-like CRISPR screen, as TIFFs
-    python data.py prepare --images data/synth/images --metadata data/synth/metadata.csv --out data/demo
-    python data.py curate  --data data/demo --out data/demo_curated  # quality, labels, consistency
-    python data.py bench   --data data/demo                      # loader crops/s
+    python data.py synth   --size demo --out out/demo/synth            # a Cell-Painting-like CRISPR screen, as TIFFs
+    python data.py prepare --images out/demo/synth/images --metadata out/demo/synth/metadata.csv \
+                           --out out/demo/crops --crop_size 32          # TIFFs -> shards of crops
+    python data.py curate  --data out/demo/crops --out out/demo/curated # quality, labels, consistency
+    python data.py bench   --data out/demo/crops                        # loader crops/s
 
 `prepare` cuts every image into crops and writes shards: `shard_00000.npy`, uint8 [n, C, H, W],
 memory-mappable; `index.csv`, one row per crop (shard, offset, source, tile_y, tile_x and every
@@ -306,8 +307,10 @@ def spoil(rng, image, kind, plate):
 def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False):
     """Write a synthetic screen: images/{plate}/{well}_s{site}.tif (uint16 [6, S, S]), metadata.csv,
     truth.json (each gene's complex and planted phenotype, each compound's target, the planted junk),
-    and the inputs evaluate.py takes: null_genes.txt (genes planted without effect, like unexpressed
-    genes) and compound_activity.csv (each compound's target and potency). replicates: wells per gene
+    and the inputs evaluate.py and probe.py take: null_genes.txt (genes planted without effect, like
+    unexpressed genes), compound_activity.csv (each compound's target and potency), gene_groups.csv (each
+    complex gene's complex, for probe.py --task group), and planted.npy + planted.csv (each well's
+    planted phenotype, before plate effects and rendering: the truth as a map). replicates: wells per gene
     per experiment; junk: plant bad images, unlabeled wells and inconsistent genes (plant_junk)."""
     out = Path(out)
     annotations = annotations_dir() if annotations == "auto" else annotations
@@ -319,6 +322,7 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
     planted = plant_junk(np.random.default_rng([seed, 7]), wells, effects, groups) if junk else {}
     spoiled = {i: kind for kind in ("blurred", "empty", "saturated") for i in planted.get(kind, [])}
     rows, junk_images = [], {kind: [] for kind in ("blurred", "empty", "saturated")}
+    truth_rows, truth_phenotypes = [], []  # per well: the phenotype its images were rendered from
     for i, w in enumerate(tqdm(wells, desc=f"synth {size}", unit="well")):
         if w["perturbation"] in planted.get("inconsistent", ()):
             phenotype = np.random.default_rng([seed, i, 9]).normal(0, 1, len(FEATURES))
@@ -332,6 +336,10 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
             phenotype = np.zeros(len(FEATURES))
         well_rng = np.random.default_rng([seed, i])
         phenotype = phenotype + well_rng.normal(0, 0.15, len(FEATURES))  # well-to-well variation
+        label = "" if i in planted.get("unlabeled", ()) else w["perturbation"]
+        truth_rows.append([w["plate"], w["well"], label, w["perturbation_type"], w["perturbation_type"] == "control",
+                           w["experiment"], w["concentration"]])
+        truth_phenotypes.append(phenotype)
         for site in range(1, cfg["sites"] + 1):
             image = render_site(well_rng, cfg["image_size"], cfg["cell_radius"], phenotype, plates[w["plate"]])
             path = out / "images" / w["plate"] / f"{w['well']}_s{site}.tif"
@@ -341,7 +349,6 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.clip(image * 8000 + 300, 0, 65535).astype(np.uint16)
             write_atomic(path, lambda f: tifffile.imwrite(f, pixels, photometric="minisblack"))
-            label = "" if i in planted.get("unlabeled", ()) else w["perturbation"]
             rows.append([w["plate"], w["well"], site, label, w["perturbation_type"],
                          w["perturbation_type"] == "control", w["experiment"], "synthetic-U2OS",
                          w["concentration"]])
@@ -354,6 +361,11 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
         compounds=compounds, replicates=replicates,
         junk=dict(junk_images, inconsistent=planted["inconsistent"],
                   unlabeled=[[wells[i]["plate"], wells[i]["well"]] for i in planted["unlabeled"]]) if junk else None))
+    # The planted truth as a map of its own: the ceiling of what any embedding of these images can score
+    write_csv(out / "planted.csv", ["plate", "well", "perturbation", "perturbation_type", "is_control", "experiment",
+                                    "concentration"], truth_rows)
+    write_atomic(out / "planted.npy", lambda f: np.save(f, np.array(truth_phenotypes, np.float32)))
+    write_csv(out / "gene_groups.csv", ["gene", "group"], [[g, groups[g]] for g in sorted(effects) if groups[g]])
     write_atomic(out / "null_genes.txt", lambda f: f.write("".join(f"{g}\n" for g in sorted(effects) if not groups[g]).encode()))
     write_csv(out / "compound_activity.csv", ["compound", "gene", "activity_um"],
               [[c, v["target"], v["ic50_um"]] for c, v in compounds.items()])

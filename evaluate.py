@@ -1,8 +1,8 @@
 """
 Genome-scale benchmarks of a map of biology, the EFAAR way: Embed, Filter, Align, Aggregate, Relate.
 
-    python evaluate.py --ckpt out/demo/model.pt --data data/demo --out out/eval            # embed with a model
-    python evaluate.py --embeddings E.npy --metadata wells.csv --out out/eval             # embeddings made elsewhere
+    python evaluate.py --ckpt out/demo/train/model.pt --data out/demo/crops --out out/eval  # embed with a model
+    python evaluate.py --embeddings E.npy --metadata wells.csv --out out/eval               # embeddings made elsewhere
 
 Embed: crops -> well means (one model pass, bf16 on a GPU). Filter: drop wells by metadata. Align: per
 batch (plate or experiment) on the control wells: center-scale, PCA + center-scale, or TVN. Aggregate:

@@ -474,7 +474,7 @@ def from_pretrained(path, device="cpu"):
             raise SystemExit(f"{path}: not a training checkpoint (no train.json)")
         model = build(MAEConfig(**json.loads((path / "train.json").read_text())["model_config"]), device, verbose=False)
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
         model.load_state_dict(state["model"])
         return model
     state = read_weights(path)

@@ -1,7 +1,7 @@
 """
 The block search (the paper's step 3): which transformer block represents biology best?
 
-    python probe.py --ckpt out/demo/model.pt --data data/demo --task perturbation --out out/probe --trim
+    python probe.py --ckpt out/demo/train/model.pt --data out/demo/crops --task perturbation --out out/probe --trim
 
 ONE pass of the model embeds every crop at every block (MAE.embed(x, blocks=all)); crops are averaged
 into wells and cached in DIR (float16, memory-mapped: a rerun or another task skips the model). Then,
@@ -186,8 +186,11 @@ def plot_curve(path, curves):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a checkpoint of this project (model.pt or a training checkpoint folder)")
-    parser.add_argument("--data", required=True, help="a prepared dataset")
+    source = parser.add_argument_group("what to probe (one of)")
+    source.add_argument("--ckpt", help="a checkpoint (model.pt, a training checkpoint folder, OpenPhenom, timm), with --data")
+    source.add_argument("--embeddings", help="well embeddings made elsewhere, [wells, D] or [blocks, wells, D] .npy, with --metadata")
+    parser.add_argument("--data", help="a prepared dataset (with --ckpt)")
+    parser.add_argument("--metadata", help="CSV, one row per well of --embeddings")
     parser.add_argument("--task", default="perturbation", help="perturbation, group, or both: perturbation,group")
     parser.add_argument("--groups", help="CSV gene,group for --task group")
     parser.add_argument("--blocks", default="all", help="all, or e.g. 4,8,12")
@@ -204,10 +207,20 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if not (args.ckpt and args.data or args.embeddings and args.metadata):
+        parser.error("give --ckpt with --data, or --embeddings with --metadata")
+    if args.trim and not args.ckpt:
+        parser.error("--trim needs --ckpt")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
+    if args.ckpt:
+        features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
+    else:
+        features, wells = np.load(args.embeddings, mmap_mode="r"), data.read_csv(args.metadata)
+        features = features[None] if features.ndim == 2 else features  # one "block"
+        if features.ndim != 3 or features.shape[1] != len(wells):
+            raise SystemExit(f"{args.embeddings}: shape {features.shape} does not match the {len(wells)} rows of {args.metadata}")
     depth = features.shape[0]
     blocks = list(range(1, depth + 1)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
     if not all(1 <= b <= depth for b in blocks):
@@ -230,7 +243,7 @@ def main(argv=None):
     print(f"\n{'task':14} {'block':>5} {'bal.acc':>8} {'acc':>7} {'chance':>7} {'l2':>7}")
     for task, b, bal, acc, chance, _, l2, *_ in rows:
         print(f"{task:14} {b:5d} {bal:>8} {acc:>7} {chance:>7} {l2:7g}" + ("  <- best" if best[task] == b else ""))
-    report = dict(ckpt=str(args.ckpt), data=str(args.data), split_col=args.split_col, held_out=held_out,
+    report = dict(ckpt=args.ckpt, data=args.data, embeddings=args.embeddings, split_col=args.split_col, held_out=held_out,
                   align=args.align, batch_col=args.batch_col,
                   best_block=best, curves={t: {str(b): r for b, r in c.items()} for t, c in curves.items()},
                   seconds=round(time.perf_counter() - started, 1))

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 
 from configurator import configure
@@ -39,7 +41,7 @@ from model import MAE, MAEConfig, save_consolidated, standardize
 # model
 preset = "vits16"           # a key of model.PRESETS; MAEConfig fields set here override it
 # data
-data = "data/demo"          # prepared dataset(s) (data.py prepare), comma-separated to mix channel counts
+data = "out/demo/crops"     # prepared dataset(s) (data.py prepare), comma-separated to mix channel counts
 data_weights = ""           # comma-separated sampling weights, one per dataset; "" = by size
 augment = True              # the 8 flips/rotations of the square
 # optimization
@@ -62,7 +64,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype: autocast, or FSDP mixed precision
 sdpa_backend = ""           # "" lets PyTorch choose; or "flash", "efficient", "cudnn", "math"
 # checkpoints and logs
-out_dir = "out/demo"
+out_dir = "out/demo/train"
 ckpt_interval = 100         # steps between checkpoints (and one at the end)
 keep_ckpts = 2              # older checkpoints are deleted
 log_interval = 10
@@ -160,7 +162,7 @@ def save_checkpoint(model, opt, step, rank, world_size):
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     model_state, optim_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     if rank == 0:
         info = dict(step=step, model_config=asdict(model_config), settings=settings, world_size=world_size)
         (tmp / "train.json").write_text(json.dumps(info, indent=1))
@@ -175,7 +177,7 @@ def load_checkpoint(model, opt, path):
     """Load model and optimizer state in place (resharded to this run's world size); returns the step."""
     model_state, optim_state = get_state_dict(model, opt)  # also creates the optimizer state to fill
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return json.loads((path / "train.json").read_text())["step"]
 
@@ -200,23 +202,31 @@ def write_png(path, image):
         return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
     rows = b"".join(b"\x00" + row.tobytes() for row in image)
     header = image.shape[1].to_bytes(4, "big") + image.shape[0].to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                           + chunk(b"IEND", b""))
+    write_atomic(path, lambda f: f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                         + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")))
 
 
 @torch.no_grad()
-def snapshot(model, x, step, write):
-    """out_dir/recon_STEP.png: for one crop, a row per channel: input | masked input | prediction."""
+def snapshot(model, x, step, write, crops=4):
+    """out_dir/recon_STEP.png: a row per channel; for each of the first `crops` crops of the batch three
+    panels: input | masked input (masked patches black) | the masked patches predicted, pasted between the
+    visible ones (as the MAE paper shows them). Small crops are enlarged."""
     model.eval()
-    _, pred, mask = model(x[:1])
-    target = standardize(x[:1])
+    x = x[:crops]
+    _, pred, mask = model(x)
+    target = standardize(x)
     recon = model.unpatchify(pred.float(), x.shape[1])
     patch_mask = model.unpatchify(mask[..., None].expand_as(pred).float(), x.shape[1])
     model.train()
     to_uint8 = lambda t: ((t.clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)
-    grid = torch.cat([target, target * (1 - patch_mask) - 3 * patch_mask, recon], dim=-1)[0]  # masked: black
+    pasted = target * (1 - patch_mask) + recon * patch_mask  # visible patches as given, masked ones predicted
+    panels = torch.stack([target, target * (1 - patch_mask) - 3 * patch_mask, pasted], dim=1)  # [B, 3, C, H, W]
+    panels = F.pad(to_uint8(panels), (1, 1, 1, 1), value=255)                                  # white frames
+    grid = rearrange(panels, "b k c h w -> (c h) (b k w)")
+    scale = max(1, 128 // x.shape[-1])
     if write:
-        write_png(Path(out_dir) / f"recon_{step:07d}.png", to_uint8(grid).flatten(0, 1).cpu().numpy())
+        image = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        write_png(Path(out_dir) / f"recon_{step:07d}.png", image.cpu().numpy())
 
 
 def main():
