@@ -28,8 +28,7 @@ import torch
 
 import data
 import model as mae
-
-SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
+from evaluate import SOURCES
 
 
 def run(*args):
