@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import data
 import model as mae
 from evaluate import SOURCES
@@ -41,10 +39,9 @@ def run(*args):
 
 def untrained_like(trained, path, seed):
     """The trained checkpoint's network as it was before its first step (train.py's init, same seed)."""
-    config = mae.MAEConfig(**torch.load(trained, map_location="cpu", weights_only=True)["config"])
-    model = mae.MAE(config)
+    model = mae.from_pretrained(trained)
     model.init_weights(seed)
-    mae.save_consolidated(path, config, model.state_dict(), step=0)
+    mae.save_consolidated(path, model.config, model.state_dict(), step=0)
 
 
 def row(name, block, report_dir, probe_result):

@@ -628,6 +628,17 @@ def handcrafted_features(x):
 
 # ---- the pipeline ------------------------------------------------------------------------------------
 
+def read_embeddings(path, metadata, blocks=False):
+    """Embeddings made elsewhere, memory-mapped, and their metadata rows, checked against each other:
+    [wells, D], or with blocks [blocks, wells, D] (a [wells, D] array is then one block)."""
+    features, wells = np.load(path, mmap_mode="r"), data.read_csv(metadata)
+    if blocks and features.ndim == 2:
+        features = features[None]
+    if features.ndim != (3 if blocks else 2) or features.shape[-2] != len(wells):
+        raise SystemExit(f"{path}: shape {features.shape} does not match the {len(wells)} rows of {metadata}")
+    return features, wells
+
+
 def read_lines(path):
     return [line.strip() for line in open(path) if line.strip()] if path else []
 
@@ -751,9 +762,7 @@ def main(argv=None):
     if args.embeddings:
         if not args.metadata:
             parser.error("--embeddings needs --metadata")
-        features, wells = np.load(args.embeddings, mmap_mode="r"), data.read_csv(args.metadata)
-        if features.ndim != 2 or len(features) != len(wells):
-            raise SystemExit(f"{args.embeddings}: shape {features.shape} does not match the {len(wells)} rows of {args.metadata}")
+        features, wells = read_embeddings(args.embeddings, args.metadata)
         described = str(args.embeddings)
     elif args.data and (args.ckpt or args.features):
         dataset = data.CropDataset(args.data)

@@ -217,10 +217,7 @@ def main(argv=None):
     if args.ckpt:
         features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
     else:
-        features, wells = np.load(args.embeddings, mmap_mode="r"), data.read_csv(args.metadata)
-        features = features[None] if features.ndim == 2 else features  # one "block"
-        if features.ndim != 3 or features.shape[1] != len(wells):
-            raise SystemExit(f"{args.embeddings}: shape {features.shape} does not match the {len(wells)} rows of {args.metadata}")
+        features, wells = evaluate.read_embeddings(args.embeddings, args.metadata, blocks=True)
     depth = features.shape[0]
     blocks = list(range(1, depth + 1)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
     if not all(1 <= b <= depth for b in blocks):

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
+from einops import rearrange
 
 from configurator import configure
 from data import CropDataset, Loader, write_atomic
