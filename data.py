@@ -775,7 +775,7 @@ def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_m
            positive_controls=(), negative_fraction=0.3, positive_fraction=0.1, batch_size=256, seed=0):
     """A curated crop index over the same shards, and a report of what each rule dropped:
     1. image quality (per image, from its crops): out of focus (median focus < focus_min x its plate's
-       median), empty (max structure < structure_min), saturated (max saturated > saturated_max);
+       median), empty (max structure < structure_min), saturated (mean saturated > saturated_max);
     2. labels: wells with no perturbation, or several (';' '|' ','); perturbations (controls aside) in
        fewer than min_experiments experiments or min_wells wells;
     3. consistency: per experiment, evaluate.replicate_consistency on the wells' embeddings (a model's
@@ -797,7 +797,9 @@ def curate(data, out, embeddings=None, ckpt=None, nuclear_channel="DNA", focus_m
     quality = torch.cat([crop_quality(torch.from_numpy(source.crops(range(i, min(i + 1024, len(rows))))), nuclear)
                          for i in tqdm(range(0, len(rows), 1024), desc="quality", unit="batch")]).numpy()
     images, crops_of = group_rows([r["source"] for r in rows])
-    per_image = np.stack([[np.median(quality[c, 0]), quality[c, 1].max(), quality[c, 2].max()] for c in crops_of])
+    # saturation over the whole image (its crops tile it): prepare's stretch puts ~0.1% of each channel's
+    # pixels at 255, which the max over small crops would count 16x (32 px crops of a 128 px field)
+    per_image = np.stack([[np.median(quality[c, 0]), quality[c, 1].max(), quality[c, 2].mean()] for c in crops_of])
     plate_of_image = np.array([rows[c[0]]["plate"] for c in crops_of])
     plate_focus = {p: np.median(per_image[plate_of_image == p, 0]) for p in set(plate_of_image)}
     bad = {"blurred": per_image[:, 0] < focus_min * np.array([plate_focus[p] for p in plate_of_image]),
