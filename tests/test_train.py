@@ -100,11 +100,10 @@ def test_single_process_resume_is_exact(dataset, tmp_path, single):
 
 def test_fsdp_job_survives_a_killed_worker_and_resumes_exactly(dataset, tmp_path, fsdp):
     """torchrun restarts the workers after one is killed; they resume from the last checkpoint by
-    themselves and reproduce the uninterrupted FSDP run. Two restarts allowed: about one restarted
-    round in 12 (gloo, CPU, torch 2.13) finishes every step and then aborts at exit ("terminate called
-    without an active exception"); the next round finds the final checkpoint and exits cleanly."""
+    themselves and reproduce the uninterrupted FSDP run. One restart allowed: the job must exit cleanly
+    after it (train.py skips the interpreter teardown that used to abort now and then on gloo)."""
     _, reference = fsdp
-    job = subprocess.Popen(command(dataset, tmp_path, nproc=2, restarts=2, parallel="fsdp", max_steps=12, ckpt_interval=3),
+    job = subprocess.Popen(command(dataset, tmp_path, nproc=2, restarts=1, parallel="fsdp", max_steps=12, ckpt_interval=3),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # see the README
     wait_for(tmp_path / "ckpt_0000006")
