@@ -32,6 +32,7 @@ class MAEConfig:
     channel_agnostic: bool = False  # CA-MAE: each channel tokenized alone by one shared 1->D projection
     channel_embed: bool = False   # CA only: add a learned per-channel embedding (off = the released CA-MAE encoder)
     max_chans: int = 11           # CA only: most channels a model accepts (size of the channel tables)
+    channelwise_embeddings: bool = False  # CA only: embed = each channel's mean token, concatenated [C*D]
     dim: int = 384
     depth: int = 12
     heads: int = 6
@@ -389,6 +390,8 @@ class MAE(nn.Module):
         """Mean of the patch tokens (class token excluded, no final norm) after each requested block,
         all from ONE unmasked forward pass. blocks: 1-based block numbers, default the last.
         Returns [len(blocks), B, D]. Crops of another size than img_size are fine (positions resampled).
+        A CA-MAE with channelwise_embeddings averages each channel's tokens apart and concatenates:
+        [len(blocks), B, C * D] (OpenPhenom's return_channelwise_embeddings).
         A 3-channel (RGB) model given C != 3 channels embeds each channel on its own as a gray image and
         concatenates: [len(blocks), B, C * D] (how the paper ran natural-image ViTs on Cell Painting)."""
         c = self.config
@@ -403,7 +406,11 @@ class MAE(nn.Module):
         for i, block in enumerate(self.blocks[:max(blocks)], start=1):
             h = block(h)
             if i in blocks:
-                pooled[i] = h[:, int(c.class_token):].mean(dim=1)
+                tokens = h[:, int(c.class_token):]
+                if c.channel_agnostic and c.channelwise_embeddings:  # tokens are channel-major
+                    pooled[i] = tokens.unflatten(1, (x.shape[1], -1)).mean(dim=2).flatten(1)
+                else:
+                    pooled[i] = tokens.mean(dim=1)
         return torch.stack([pooled[b] for b in blocks])
 
     def trim(self, k):

@@ -177,6 +177,20 @@ def test_channel_agnostic_embedding_is_invariant_to_channel_order():
     assert (with_embed.embed(x) - with_embed.embed(x[:, order])).abs().max() > 1e-3
 
 
+def test_channelwise_embedding_follows_its_channel():
+    """channelwise_embeddings: [B, C*D], slot i the mean of channel i's tokens. Reordering the channels
+    reorders the slots (the encoder has no channel embedding), and the slots average to the usual embedding."""
+    model = tiny(channel_agnostic=True, in_chans=6, layerscale_init=0.5).eval()
+    channelwise = tiny(channel_agnostic=True, in_chans=6, layerscale_init=0.5, channelwise_embeddings=True).eval()
+    x, order = crops(b=3, c=5), torch.tensor([3, 0, 4, 2, 1])
+    slots = channelwise.embed(x, blocks=[2, 4]).unflatten(-1, (5, 64))        # [blocks, B, C, D]
+    assert slots.shape == (2, 3, 5, 64)
+    assert (slots[:, :, 0] - slots[:, :, 1]).abs().max() > 1e-3             # the channels differ
+    torch.testing.assert_close(slots.mean(dim=2), model.embed(x, blocks=[2, 4]), atol=1e-5, rtol=1e-5)
+    reordered = channelwise.embed(x[:, order], blocks=[2, 4]).unflatten(-1, (5, 64))
+    torch.testing.assert_close(reordered, slots[:, :, order], atol=1e-5, rtol=1e-5)
+
+
 # ---- embeddings and trimming --------------------------------------------------------------------
 
 @pytest.mark.parametrize("parallel", [True, False])
