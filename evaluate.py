@@ -628,13 +628,13 @@ def handcrafted_features(x):
 
 # ---- the pipeline ------------------------------------------------------------------------------------
 
-def read_embeddings(path, metadata, blocks=False):
+def read_embeddings(path, metadata):
     """Embeddings made elsewhere, memory-mapped, and their metadata rows, checked against each other:
-    [wells, D], or with blocks [blocks, wells, D] (a [wells, D] array is then one block)."""
+    [blocks, wells, D] (a [wells, D] array is one block)."""
     features, wells = np.load(path, mmap_mode="r"), data.read_csv(metadata)
-    if blocks and features.ndim == 2:
+    if features.ndim == 2:
         features = features[None]
-    if features.ndim != (3 if blocks else 2) or features.shape[-2] != len(wells):
+    if features.ndim != 3 or features.shape[-2] != len(wells):
         raise SystemExit(f"{path}: shape {features.shape} does not match the {len(wells)} rows of {metadata}")
     return features, wells
 
@@ -735,10 +735,11 @@ def main(argv=None):
     source = parser.add_argument_group("what to evaluate (one of)")
     source.add_argument("--ckpt", help="a checkpoint of this project (model.pt, a training checkpoint folder, a trimmed one)")
     source.add_argument("--features", choices=["handcrafted"], help="a baseline instead of a model")
-    source.add_argument("--embeddings", help="[wells, D] .npy made elsewhere, rows matching --metadata")
+    source.add_argument("--embeddings", help="[wells, D] .npy made elsewhere, rows matching --metadata, or [blocks, wells, D] "
+                        "(probe.py's features.npy: every block from one pass) with --block")
     parser.add_argument("--data", help="a prepared dataset (with --ckpt or --features)")
     parser.add_argument("--metadata", help="CSV, one row per row of --embeddings")
-    parser.add_argument("--block", type=int, help="embed after this block (default: the model's last)")
+    parser.add_argument("--block", type=int, help="embed after this block, or take it from [blocks, wells, D] --embeddings (default: the last)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--align", default="tvn", choices=["none", "centerscale", "pca_centerscale", "tvn"])
     parser.add_argument("--pca_dims", default="0.99", type=lambda v: None if v == "all" else float(v) if "." in v else int(v),
@@ -763,7 +764,11 @@ def main(argv=None):
         if not args.metadata:
             parser.error("--embeddings needs --metadata")
         features, wells = read_embeddings(args.embeddings, args.metadata)
-        described = str(args.embeddings)
+        block = args.block or len(features)
+        if not 1 <= block <= len(features):
+            parser.error(f"--block {block}: {args.embeddings} holds {len(features)} block(s)")
+        described = f"{args.embeddings} block {block}" if len(features) > 1 else str(args.embeddings)
+        features = features[block - 1]
     elif args.data and (args.ckpt or args.features):
         dataset = data.CropDataset(args.data)
         if args.ckpt:

@@ -217,7 +217,7 @@ def main(argv=None):
     if args.ckpt:
         features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
     else:
-        features, wells = evaluate.read_embeddings(args.embeddings, args.metadata, blocks=True)
+        features, wells = evaluate.read_embeddings(args.embeddings, args.metadata)
     depth = features.shape[0]
     blocks = list(range(1, depth + 1)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
     if not all(1 <= b <= depth for b in blocks):

@@ -289,3 +289,24 @@ def test_synthetic_screen_end_to_end(screen, annotations):
     assert report["consistency"]["fraction_p_below_0.01"] > 0.3
     assert report["compound_gene"]["n_compounds"] == 2
     assert (out / "report.md").read_text().startswith("# Benchmarks")
+
+
+def test_evaluate_takes_one_block_of_a_blocks_file(screen, annotations, tmp_path):
+    """probe.py's [blocks, wells, D] cache evaluates block by block (--block, default the last), exactly
+    as that block saved alone."""
+    dataset = data.CropDataset(screen / "crops")
+    noise = lambda x: torch.randn(x.shape[0], 87, generator=torch.Generator().manual_seed(x.shape[0]))
+    encode = lambda x: torch.stack([noise(x), evaluate.handcrafted_features(x)])
+    features, wells = evaluate.embed_wells(encode, dataset, tmp_path / "blocks.npy")
+    data.write_csv(tmp_path / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+    np.save(tmp_path / "handcrafted.npy", features[1])
+    common = ["--metadata", str(tmp_path / "wells.csv"), "--annotations", str(annotations)]
+    recall = lambda out: json.loads((out / "report.json").read_text())["recall"]["CORUM"]["recall_0.05_0.95"]
+    runs = {name: tmp_path / name for name in ("alone", "block1", "block2", "last")}
+    evaluate.main(["--embeddings", str(tmp_path / "handcrafted.npy"), "--out", str(runs["alone"]), *common])
+    for name, block in (("block1", ["--block", "1"]), ("block2", ["--block", "2"]), ("last", [])):
+        evaluate.main(["--embeddings", str(tmp_path / "blocks.npy"), "--out", str(runs[name]), *common, *block])
+    assert recall(runs["block2"]) == recall(runs["last"]) == recall(runs["alone"]) > 0.2
+    assert recall(runs["block1"]) < recall(runs["alone"]) - 0.1
+    with pytest.raises(SystemExit):
+        evaluate.main(["--embeddings", str(tmp_path / "blocks.npy"), "--out", str(tmp_path / "x"), *common, "--block", "3"])
