@@ -1,8 +1,9 @@
 """
 The main job end to end on the built-in synthetic screen, one command:
 
-    python demo.py                  # the demo screen, ~10 minutes on a 2-core CPU
-    python demo.py --size tests --max_steps=300   # the path tests/test_demo.py runs (~2 minutes)
+    python demo.py                  # the demo screen, ~9 minutes on a 2-core CPU
+    python demo.py --max_steps=600 --snapshot_interval=300   # what tests/test_demo.py runs (~4 minutes)
+    python demo.py --size tests --max_steps=300              # the small screen: the path only (~2 minutes)
 
 Every step is a command of this project, printed before it runs, so any one of them can be re-run or
 changed by hand; a step whose output is already there is skipped (delete OUT to start over):
@@ -11,8 +12,9 @@ changed by hand; a step whose output is already there is skipped (delete OUT to 
   3. train.py           pretrain the demo channel-agnostic MAE (config/demo.py), with reconstruction grids
   4. probe.py --trim    the block search, on the trained network and on the same network untrained
   5. evaluate.py        the benchmarks of five maps of the same screen: the trained MAE at its best and at
-                        its last block, the untrained network at its best block, hand-crafted features,
-                        and the planted phenotypes themselves (the ceiling: no image, no noise)
+                        its last block, the untrained network at its best block (these three from probe.py's
+                        cache of every block), hand-crafted features, and the planted phenotypes themselves
+                        (the ceiling: no image, no noise)
   6. one table side by side -> OUT/table.md, table.json; pictures: OUT/probe/probe.png, OUT/train/recon_*.png
 Extra --key=value arguments go to train.py (e.g. --max_steps=500).
 """
@@ -98,11 +100,16 @@ def main():
             run("probe.py", "--ckpt", ckpt, *probe_args, "--out", out / name)
     probes = {name: json.loads((out / name / "probe.json").read_text()) for name in ("probe", "probe_untrained")}
 
-    # Benchmarks: every map aligned (TVN on controls, per plate) and scored the same way
+    # Benchmarks: every map aligned (TVN on controls, per plate) and scored the same way. The networks'
+    # blocks come from probe.py's cache (what evaluate.py --ckpt trimmed.pt computes, without embedding
+    # every crop again)
     benchmarks = ["--null_perturbations", synth / "null_genes.txt", "--compound_activity", synth / "compound_activity.csv"]
-    maps = {"trained_best": ["--ckpt", out / "probe" / "trimmed.pt", "--data", crops],
-            "trained_last": ["--ckpt", train_dir / "model.pt", "--data", crops],
-            "untrained": ["--ckpt", out / "probe_untrained" / "trimmed.pt", "--data", crops],
+    best, depth = probes["probe"]["best_block"]["group"], len(probes["probe"]["curves"]["group"])
+    best_untrained = probes["probe_untrained"]["best_block"]["group"]
+    cached = lambda name, block: ["--embeddings", out / name / "features.npy", "--metadata", out / name / "wells.csv", "--block", block]
+    maps = {"trained_best": cached("probe", best),
+            "trained_last": cached("probe", depth),
+            "untrained": cached("probe_untrained", best_untrained),
             "handcrafted": ["--features", "handcrafted", "--data", crops],
             "planted": ["--embeddings", synth / "planted.npy", "--metadata", synth / "planted.csv"]}
     for name, source in maps.items():
@@ -117,8 +124,6 @@ def main():
         probes[f"probe_{name}"] = json.loads((out / f"probe_{name}" / "probe.json").read_text())
 
     curve = lambda name, block: probes[name]["curves"]["group"][str(block)]
-    best, depth = probes["probe"]["best_block"]["group"], len(probes["probe"]["curves"]["group"])
-    best_untrained = probes["probe_untrained"]["best_block"]["group"]
     rows = [row("MAE trained, best block", best, out / "eval_trained_best", curve("probe", best)),
             row("MAE trained, last block", depth, out / "eval_trained_last", curve("probe", depth)),
             row("same MAE untrained", best_untrained, out / "eval_untrained", curve("probe_untrained", best_untrained)),
