@@ -1,4 +1,4 @@
-"""The main job end to end (demo.py) on the tests screen: the README's command, smaller and shorter."""
+"""The main job end to end (demo.py): the README's command, on the demo screen with fewer steps."""
 
 import json
 import subprocess
@@ -11,13 +11,15 @@ import data
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
-def test_demo_end_to_end(tmp_path):
-    """The whole path on the tests screen. What it cannot assert: that the trained MAE beats the untrained
-    one on recall. Measured, both sit near chance (CORUM recall within 0.05 of each other) after what a
-    test can spend: 300-1,200 steps on this screen (29 genes), 800-1,600 steps on screens of 54 and 84 genes
-    with 4 or 16 crops per well. The gain shows after the demo's 2,500 steps on its 129 genes (README)."""
+def test_demo_end_to_end_trained_beats_untrained(tmp_path):
+    """The whole path on the demo screen (129 genes) with 600 of the demo's 2,500 steps (~4 minutes on 2
+    cores), and the point of it: the trained MAE beats the same network untrained on relationship recall
+    and replicate consistency, at its best block and at its last. The smaller tests screen cannot show it:
+    with 29 genes, recall at 5/95 is a handful of pairs and both networks sit within 0.05 of each other
+    (measured at 300-1,200 steps). Measured at 600 steps on the screens of seeds 0, 1 and 2: CORUM +0.10 to
+    +0.16, consistency +0.07 to +0.14, probe +0.15 to +0.29 (seed 0 is the one run here)."""
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "demo.py", "--size", "tests", "--out", str(out), "--max_steps=300", "--snapshot_interval=150"],
+    run = subprocess.run([sys.executable, "demo.py", "--out", str(out), "--max_steps=600", "--snapshot_interval=300"],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
@@ -25,6 +27,11 @@ def test_demo_end_to_end(tmp_path):
     assert len(rows) == 5
     untrained, handcrafted = rows["same MAE untrained"], rows["hand-crafted features"]
     planted = rows["planted truth (ceiling)"]
+    # training helps: the trained network's map recovers more of the planted biology than its random init
+    for trained in (rows["MAE trained, best block"], rows["MAE trained, last block"]):
+        assert trained["CORUM"] > untrained["CORUM"] + 0.05, table
+        assert trained["consistent"] > untrained["consistent"] + 0.05, table
+        assert trained["probe"] > untrained["probe"] + 0.1, table
     # the benchmarks tell maps apart: features that see the planted phenotypes beat a random network
     assert handcrafted["CORUM"] > untrained["CORUM"] + 0.1 and handcrafted["consistent"] > untrained["consistent"], table
     # the planted phenotypes are the ceiling of every benchmark a map of these images can reach
@@ -40,13 +47,13 @@ def test_demo_end_to_end(tmp_path):
     # reconstruction grids: PNGs of a row per channel (6) and 3 framed panels for each of 4 crops,
     # 32 px crops enlarged 4x
     pictures = sorted((out / "train").glob("recon_*.png"))
-    assert [p.name for p in pictures] == ["recon_0000150.png", "recon_0000300.png"]
+    assert [p.name for p in pictures] == ["recon_0000300.png", "recon_0000600.png"]
     png = pictures[-1].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (4 * 3 * 34 * 4, 6 * 34 * 4)
     # a second run finds every output and redoes nothing (no training line in its output)
-    again = subprocess.run([sys.executable, "demo.py", "--size", "tests", "--out", str(out), "--max_steps=300"],
+    again = subprocess.run([sys.executable, "demo.py", "--out", str(out), "--max_steps=600"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "$ python" not in again.stdout
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
