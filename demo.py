@@ -1,7 +1,7 @@
 """
 The main job end to end on the built-in synthetic screen, one command:
 
-    python demo.py                  # the demo screen, ~9 minutes on a 2-core CPU
+    python demo.py                  # the demo screen, 7-8.5 minutes on a 2-core CPU
     python demo.py --max_steps=600 --snapshot_interval=300   # what tests/test_demo.py runs (~4 minutes)
     python demo.py --size tests --max_steps=300              # the small screen: the path only (~2 minutes)
 

@@ -764,7 +764,7 @@ def main(argv=None):
         if not args.metadata:
             parser.error("--embeddings needs --metadata")
         features, wells = read_embeddings(args.embeddings, args.metadata)
-        block = args.block or len(features)
+        block = len(features) if args.block is None else args.block
         if not 1 <= block <= len(features):
             parser.error(f"--block {block}: {args.embeddings} holds {len(features)} block(s)")
         described = f"{args.embeddings} block {block}" if len(features) > 1 else str(args.embeddings)
