@@ -4,7 +4,8 @@ The channel-agnostic ViT masked autoencoder of "ViTally Consistent" (arXiv 2411.
 One file, top to bottom: config and presets, sin-cos positions, the two block forms
 (sequential and the released models' parallel block), the MAE (self-standardization,
 standard or channel-agnostic tokenization, masking, encoder, decoder, MSE + Fourier
-loss), embeddings of any set of blocks from one forward pass, and FLOPs accounting.
+loss), embeddings of any set of blocks from one forward pass, trimming, FLOPs accounting,
+and the one loader, from_pretrained (weights made elsewhere are translated by weights.py).
 
 Shapes: B crops, C channels, H = W = img_size, p = patch_size, N = (H/p)^2 patches per
 channel, T tokens (N for standard tokenization, C*N for channel-agnostic), D width.
@@ -23,35 +24,38 @@ from einops import rearrange
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+import weights
+
 
 @dataclass
 class MAEConfig:
-    img_size: int = 256
-    patch_size: int = 16
+    img_size: int = 256           # crop side in pixels
+    patch_size: int = 16          # patch side in pixels
     in_chans: int = 6             # channels of the training data (standard tokenization needs exactly this many)
     channel_agnostic: bool = False  # CA-MAE: each channel tokenized alone by one shared 1->D projection
     channel_embed: bool = False   # CA only: add a learned per-channel embedding (off = the released CA-MAE encoder)
     max_chans: int = 11           # CA only: most channels a model accepts (size of the channel tables)
     channelwise_embeddings: bool = False  # CA only: embed = each channel's mean token, concatenated [C*D]
-    dim: int = 384
-    depth: int = 12
-    heads: int = 6
-    mlp_dim: int = 1536
+    dim: int = 384                # encoder width
+    depth: int = 12               # encoder blocks
+    heads: int = 6                # attention heads (must divide dim)
+    mlp_dim: int = 1536           # MLP hidden width
     parallel_blocks: bool = True  # one LayerNorm, one fused projection, attention + MLP summed (released models)
-    qk_norm: bool = True
-    qkv_bias: bool = False
+    qk_norm: bool = True          # per-head LayerNorm of queries and keys (keeps big ViTs stable)
+    qkv_bias: bool = False        # a bias on q, k, v (off in the released models)
     layerscale_init: float = 1e-4  # 0 turns LayerScale off
     drop_path: float = 0.1        # stochastic depth at the last block (linear from 0)
-    norm_eps: float = 1e-6
-    dec_dim: int = 512
-    dec_depth: int = 8
-    dec_heads: int = 16
-    dec_mlp_dim: int = 2048
-    mask_ratio: float = 0.75
+    norm_eps: float = 1e-6        # LayerNorm epsilon
+    dec_dim: int = 512            # decoder width
+    dec_depth: int = 8            # decoder blocks (0: an encoder only, for inference)
+    dec_heads: int = 16           # decoder attention heads
+    dec_mlp_dim: int = 2048       # decoder MLP hidden width
+    mask_ratio: float = 0.75      # fraction of tokens masked in training
     fourier_weight: float = 0.01  # a in (1 - a) * MSE + a * Fourier loss
     norm_pix_loss: bool = False   # released configs: off (the target is the self-standardized crop)
+    # for timm ViTs loaded by weights.py, which need them: no class token, a learned position table
     class_token: bool = True      # False only for loaded ViTs made without one (no decoder then)
-    learned_pos: bool = False     # a learned position table (loaded timm ViTs) instead of fixed sin-cos
+    learned_pos: bool = False     # a learned table (resampled for other crop sizes) instead of fixed sin-cos
 
     @staticmethod
     def from_preset(name, **overrides):
@@ -60,8 +64,8 @@ class MAEConfig:
         return replace(MAEConfig(), **{**PRESETS[name], **overrides})
 
 
-# Sizes from ../shared/PAPER.md. vitg8's 16 heads and MLP 8192 are not pinned down by the
-# paper (marked (?)); with them the encoder counts 1.84B parameters, matching its ~1.86B.
+# Sizes from the papers (arXiv 2411.02572, the model table; arXiv 2404.10242). vitg8's 16 heads and
+# MLP 8192 are not pinned down there; with them the encoder counts 1.84B parameters, matching ~1.86B.
 PRESETS = {
     "vits16": dict(patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536, drop_path=0.1),
     "vitb16": dict(patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072, drop_path=0.1),
@@ -172,6 +176,7 @@ class ParallelBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.in_proj = nn.Linear(dim, mlp_dim + 3 * dim, bias=False)
         self.mlp_bias = nn.Parameter(torch.zeros(mlp_dim))
+        # a qkv bias: the form OpenPhenom's released blocks need (timm 0.9 adds mlp_bias onto q, k, v)
         self.qkv_bias = nn.Parameter(torch.zeros(3 * dim)) if qkv_bias else None
         self.attn = Attention(dim, heads, qk_norm, eps)
         self.mlp_out = nn.Linear(mlp_dim, dim)
@@ -425,6 +430,12 @@ class MAE(nn.Module):
         self.config = replace(self.config, depth=k, dec_depth=0)
         return self
 
+    @classmethod
+    def from_pretrained(cls, path, device="cpu"):
+        """MAE.from_pretrained(path): this project's checkpoints or weights made elsewhere (see the
+        module function from_pretrained, which this calls)."""
+        return from_pretrained(path, device)
+
     # ---- accounting -----------------------------------------------------------------------------
 
     def num_params(self, encoder_only=True):
@@ -472,9 +483,9 @@ def from_pretrained(path, device="cpu"):
     """Load weights into an MAE, the config read from the weights themselves:
     - this project's checkpoints: model.pt (end of training), trimmed.pt (probe.py --trim), or a
       training checkpoint folder (torch.distributed.checkpoint, any number of ranks, consolidated here);
-    - the OpenPhenom release (CA-MAE-S/16): model.safetensors, or a torch file, in the layout of
-      recursionpharma's maes_microscopy code (see from_openphenom; its encoder, not its decoders);
-    - timm VisionTransformer state dicts, e.g. DINOv2 or ImageNet MAE ViTs (see from_timm; encoder)."""
+    - weights made elsewhere, translated by weights.py: the OpenPhenom release (CA-MAE-S/16,
+      model.safetensors or a torch file in maes_microscopy's layout; its encoder, not its decoders), and
+      timm VisionTransformer state dicts (DINOv2, ImageNet MAE ViTs, ...; the encoder)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "train.json").exists():
@@ -484,206 +495,15 @@ def from_pretrained(path, device="cpu"):
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
         model.load_state_dict(state["model"])
         return model
-    state = read_weights(path)
+    state = weights.read_weights(path)
     if "config" in state and "model" in state:
-        config, weights = MAEConfig(**state["config"]), state["model"]
-    elif any(k.startswith("encoder.vit_backbone.") for k in state):
-        config, weights = from_openphenom(state, path)
-    elif "patch_embed.proj.weight" in state and ("blocks.0.norm1.weight" in state or "blocks.0.in_norm.weight" in state):
-        config, weights = from_timm(state, path)
+        config, tensors = MAEConfig(**state["config"]), state["model"]
     else:
-        raise SystemExit(f"{path}: a layout this loader does not know (first key {next(iter(state), None)!r})")
+        fields, tensors = weights.translate(state, path, sincos_2d)
+        config = MAEConfig(**fields)
     model = build(config, device, verbose=False)
-    model.load_state_dict(weights)
+    model.load_state_dict(tensors)
     return model
-
-
-def read_weights(path):
-    """A state dict from .safetensors (the optional `safetensors` package) or a torch file; the
-    OpenPhenom file named model.safetensors may be a torch pickle of {"state_dict": ...}: both work."""
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"{path}: no such checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(9)  # safetensors: the JSON header's length (8 bytes), then the header
-    is_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
-    if is_safetensors:
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise SystemExit(f"{path}: a safetensors file; pip install safetensors to read it") from None
-        state = load_file(path)
-    else:
-        with open(path, "rb") as f:  # a file object: torch.load would go by the .safetensors name
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    return state["state_dict"] if "state_dict" in state and "config" not in state else state
-
-
-# OpenPhenom (maes_microscopy): a timm VisionTransformer of ParallelScalingBlocks under this prefix
-OPENPHENOM = "encoder.vit_backbone."
-OPENPHENOM_DECODER = ("decoder.", "encoder_decoder_proj.", "decoder_pred.")
-
-
-def from_openphenom(state, path="weights"):
-    """OpenPhenom layout -> (MAEConfig, our state dict), every encoder tensor used, the decoder's skipped
-    (listed in OPENPHENOM_DECODER: its per-channel decoders are not this project's decoder).
-
-    Sizes come from the tensors; the frozen pos_embed must be our sin-cos table repeated per channel
-    (which also gives the grid and the channel count). One quirk is kept exactly: timm's
-    ParallelScalingBlock adds cat(qkv_bias = 0, mlp_bias) to the fused [mlp | q | k | v] projection,
-    so its `mlp_bias` really lands on the last dim hidden units and on q, k, v; here that is our
-    mlp_bias (zeros, then its first dim entries) and qkv_bias (the rest)."""
-    P = OPENPHENOM
-    take = dict(state)
-    need = lambda key: take.pop(P + key) if P + key in take else _missing(path, P + key)
-    cls_token, pos, patch_w = need("cls_token"), need("pos_embed"), state.get(P + "patch_embed.proj.weight")
-    dim, depth = cls_token.shape[-1], 1 + max(int(k[len(P):].split(".")[1]) for k in state if k.startswith(P + "blocks."))
-    mlp_dim = state[P + "blocks.0.in_proj.weight"].shape[0] - 3 * dim
-    head_dim = state[P + "blocks.0.q_norm.weight"].shape[0]
-    patch = patch_w.shape[-1]
-    rows = pos.shape[1] - 1
-    is_table = lambda g: torch.allclose(pos[0, 1:].float(), sincos_2d(dim, g).repeat(rows // g ** 2, 1), atol=1e-4)
-    grid = next((g for g in range(128, 0, -1) if rows % (g * g) == 0 and is_table(g)), None)
-    if grid is None or pos[0, 0].abs().max() > 0:
-        raise SystemExit(f"{path}: {P}pos_embed is not the sin-cos table this model computes")
-    config = MAEConfig(img_size=grid * patch, patch_size=patch, in_chans=min(6, rows // grid ** 2), channel_agnostic=True,
-                       max_chans=rows // grid ** 2, dim=dim, depth=depth, heads=dim // head_dim, mlp_dim=mlp_dim,
-                       parallel_blocks=True, qk_norm=True, qkv_bias=True, layerscale_init=1e-4, drop_path=0.0,
-                       norm_eps=1e-6, dec_depth=0)
-    ours = {"cls_token": cls_token, "patch_embed.weight": need("patch_embed.proj.weight"),
-            "patch_embed.bias": need("patch_embed.proj.bias"),
-            "norm.weight": need("fc_norm.weight"), "norm.bias": need("fc_norm.bias")}  # the final norm, unused by embed()
-    for i in range(depth):
-        ours.update(parallel_block(need, f"blocks.{i}.", dim, mlp_dim))
-    left = [k for k in take if not k.startswith(OPENPHENOM_DECODER)]
-    if left:
-        raise SystemExit(f"{path}: {len(left)} tensor(s) this loader does not use, first {left[0]!r}")
-    return config, ours
-
-
-PARALLEL_NAMES = (("in_norm", "norm"), ("q_norm", "attn.q_norm"), ("k_norm", "attn.k_norm"),
-                  ("attn_out_proj", "attn.out_proj"), ("mlp_out_proj", "mlp_out"))  # timm ParallelScalingBlock -> ours
-SEQUENTIAL_NAMES = (("norm1", "norm1"), ("attn.qkv", "qkv"), ("attn.q_norm", "attn.q_norm"), ("attn.k_norm", "attn.k_norm"),
-                    ("attn.proj", "attn.out_proj"), ("ls1", "ls1"), ("norm2", "norm2"), ("mlp.fc1", "fc1"),
-                    ("mlp.fc2", "fc2"), ("ls2", "ls2"))                     # timm Block -> ours
-
-
-def parallel_block(need, b, dim, mlp_dim):
-    """One timm ParallelScalingBlock's tensors (need(key) pops them) as our ParallelBlock's."""
-    ours = {}
-    for theirs, mine in PARALLEL_NAMES:
-        ours[b + mine + ".weight"], ours[b + mine + ".bias"] = need(b + theirs + ".weight"), need(b + theirs + ".bias")
-    ours[b + "in_proj.weight"], ours[b + "ls.gamma"] = need(b + "in_proj.weight"), need(b + "ls.gamma")
-    bias = torch.cat([torch.zeros(3 * dim), need(b + "mlp_bias").float()])  # timm's placement: see from_openphenom
-    ours[b + "mlp_bias"], ours[b + "qkv_bias"] = bias[:mlp_dim], bias[mlp_dim:]
-    return ours
-
-
-def to_parallel_block(sd, b, dim, prefix=""):
-    """The inverse of parallel_block."""
-    out = {}
-    for theirs, mine in PARALLEL_NAMES:
-        out[prefix + b + theirs + ".weight"], out[prefix + b + theirs + ".bias"] = sd[b + mine + ".weight"], sd[b + mine + ".bias"]
-    out[prefix + b + "in_proj.weight"], out[prefix + b + "ls.gamma"] = sd[b + "in_proj.weight"], sd[b + "ls.gamma"]
-    bias = torch.cat([sd[b + "mlp_bias"], sd[b + "qkv_bias"]])
-    if bias[:3 * dim].abs().max() > 0:
-        raise ValueError(f"{b}mlp_bias: nonzero on the first {3 * dim} hidden units, which timm's block cannot hold")
-    out[prefix + b + "mlp_bias"] = bias[3 * dim:]
-    return out
-
-
-def to_openphenom(model):
-    """Our CA encoder -> the OpenPhenom encoder layout (the inverse of from_openphenom)."""
-    c, P = model.config, OPENPHENOM
-    sd = model.state_dict()
-    grid_rows = sincos_2d(c.dim, model.grid).repeat(c.max_chans, 1)
-    out = {P + "cls_token": sd["cls_token"], P + "pos_embed": torch.cat([torch.zeros(1, c.dim), grid_rows])[None],
-           P + "patch_embed.proj.weight": sd["patch_embed.weight"], P + "patch_embed.proj.bias": sd["patch_embed.bias"],
-           P + "fc_norm.weight": sd["norm.weight"], P + "fc_norm.bias": sd["norm.bias"]}
-    for i in range(c.depth):
-        out.update(to_parallel_block(sd, f"blocks.{i}.", c.dim, P))
-    return out
-
-
-TIMM_UNUSED = ("head.", "fc_norm.")  # a classifier and the pooled-feature norm: embed() uses neither
-
-
-def from_timm(state, path="weights"):
-    """A timm VisionTransformer state dict (standard tokenization; Block or ParallelScalingBlock; with or
-    without class token, qkv bias, QK-norm, LayerScale; any patch size, width, depth) -> (MAEConfig, our
-    state dict). The learned pos_embed is kept (and resampled for other crop sizes); heads come from
-    the QK-norm width, else timm's 64 dims per head. head.* and fc_norm.* are recognized and skipped;
-    any other tensor this does not use is an error."""
-    take = dict(state)
-    need = lambda key: take.pop(key) if key in take else _missing(path, key)
-    if "reg_token" in state:
-        raise SystemExit(f"{path}: 'reg_token' (register tokens) is not supported")
-    patch_w = state["patch_embed.proj.weight"]
-    dim, in_chans, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    parallel = "blocks.0.in_proj.weight" in state
-    class_token = "cls_token" in state
-    pos = need("pos_embed")[0]
-    grid = int(round((pos.shape[0] - class_token) ** 0.5))
-    if grid * grid + class_token != pos.shape[0]:
-        raise SystemExit(f"{path}: pos_embed has {pos.shape[0]} rows, not a class-token row and a square grid")
-    q_norm = state.get("blocks.0.q_norm.weight" if parallel else "blocks.0.attn.q_norm.weight")
-    head_dim = q_norm.shape[0] if q_norm is not None else 64
-    if parallel:
-        mlp_dim = state["blocks.0.in_proj.weight"].shape[0] - 3 * dim
-    else:
-        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
-        if state["blocks.0.mlp.fc2.weight"].shape[1] != mlp_dim:
-            raise SystemExit(f"{path}: blocks.0.mlp.fc1/fc2 do not match (a gated MLP such as SwiGLU is not supported)")
-    layerscale = "blocks.0.ls.gamma" in state or "blocks.0.ls1.gamma" in state
-    config = MAEConfig(img_size=grid * patch, patch_size=patch, in_chans=in_chans, channel_agnostic=False, dim=dim,
-                       depth=depth, heads=dim // head_dim, mlp_dim=mlp_dim, parallel_blocks=parallel,
-                       qk_norm=q_norm is not None, qkv_bias=parallel or "blocks.0.attn.qkv.bias" in state,
-                       layerscale_init=1e-4 if layerscale else 0.0, drop_path=0.0, norm_eps=1e-6, dec_depth=0,
-                       class_token=class_token, learned_pos=True)
-    ours = {"patch_embed.weight": need("patch_embed.proj.weight"), "patch_embed.bias": need("patch_embed.proj.bias"),
-            "pos_table": pos}
-    if class_token:
-        ours["cls_token"] = need("cls_token")
-    # the final norm is unused by embed(); a model pooled through fc_norm has none: a neutral one stands in
-    ours["norm.weight"] = take.pop("norm.weight", torch.ones(dim))
-    ours["norm.bias"] = take.pop("norm.bias", torch.zeros(dim))
-    for i in range(depth):
-        b = f"blocks.{i}."
-        if parallel:
-            ours.update(parallel_block(need, b, dim, mlp_dim))
-            continue
-        for theirs, mine in SEQUENTIAL_NAMES:
-            for kind in ("weight", "bias", "gamma"):
-                if f"{b}{theirs}.{kind}" in take:
-                    ours[f"{b}{mine}.{kind}"] = need(f"{b}{theirs}.{kind}")
-    left = [k for k in take if not k.startswith(TIMM_UNUSED)]
-    if left:
-        raise SystemExit(f"{path}: {len(left)} tensor(s) this loader does not use, first {left[0]!r}")
-    return config, ours
-
-
-def to_timm(model):
-    """Our standard-tokenization encoder with a learned table -> timm's VisionTransformer layout."""
-    c, sd = model.config, model.state_dict()
-    out = {"patch_embed.proj.weight": sd["patch_embed.weight"], "patch_embed.proj.bias": sd["patch_embed.bias"],
-           "pos_embed": sd["pos_table"][None], "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
-    if c.class_token:
-        out["cls_token"] = sd["cls_token"]
-    for i in range(c.depth):
-        b = f"blocks.{i}."
-        if c.parallel_blocks:
-            out.update(to_parallel_block(sd, b, c.dim))
-            continue
-        for theirs, mine in SEQUENTIAL_NAMES:
-            for kind in ("weight", "bias", "gamma"):
-                if f"{b}{mine}.{kind}" in sd:
-                    out[f"{b}{theirs}.{kind}"] = sd[f"{b}{mine}.{kind}"]
-    return out
-
-
-def _missing(path, key):
-    raise SystemExit(f"{path}: no tensor {key!r}, which this layout needs")
 
 
 def build(config: MAEConfig, device="cpu", verbose=True):

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import model as mae
+import weights
 
-P = mae.OPENPHENOM
+P = weights.OPENPHENOM
 
 
 def openphenom_state(dim=64, depth=2, head_dim=16, mlp=256, patch=8, grid=4, chans=11, seed=0):
@@ -90,10 +91,10 @@ def test_openphenom_real_safetensors_file(tmp_path):
 
 def test_openphenom_round_trip_is_exact():
     s = openphenom_state(seed=3)
-    config, ours = mae.from_openphenom(s)
-    model = mae.build(config, verbose=False)
+    config, ours = weights.from_openphenom(s, mae.sincos_2d)
+    model = mae.build(mae.MAEConfig(**config), verbose=False)
     model.load_state_dict(ours)
-    back = mae.to_openphenom(model)
+    back = weights.to_openphenom(model)
     encoder = {k: v for k, v in s.items() if k.startswith(P)}
     assert back.keys() == encoder.keys()
     for key, value in encoder.items():
@@ -104,13 +105,13 @@ def test_every_tensor_is_accounted_for(tmp_path):
     s = openphenom_state()
     extra = dict(s, **{P + "blocks.0.surprise": torch.zeros(3)})
     with pytest.raises(SystemExit, match="blocks.0.surprise"):
-        mae.from_openphenom(extra)
+        weights.from_openphenom(extra, mae.sincos_2d)
     missing = {k: v for k, v in s.items() if k != P + "blocks.1.k_norm.bias"}
     with pytest.raises(SystemExit, match="blocks.1.k_norm.bias"):
-        mae.from_openphenom(missing)
+        weights.from_openphenom(missing, mae.sincos_2d)
     wrong = dict(s, **{P + "pos_embed": s[P + "pos_embed"].flip(-1)})
     with pytest.raises(SystemExit, match="pos_embed"):
-        mae.from_openphenom(wrong)
+        weights.from_openphenom(wrong, mae.sincos_2d)
 
 
 # ---- timm VisionTransformer layouts ---------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_timm_layouts_embed_like_timm(tmp_path, variant):
     assert model.config.learned_pos and model.config.img_size == 32 and not model.config.channel_agnostic
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(model.embed(x)[0], timm_reference(s, mae.standardize(x)), atol=2e-5, rtol=1e-4)
-    back = mae.to_timm(model)  # the round trip, head.* aside (a classifier embed() does not use)
+    back = weights.to_timm(model)  # the round trip, head.* aside (a classifier embed() does not use)
     assert back.keys() == {k for k in s if not k.startswith("head.")}
     for key in back:
         torch.testing.assert_close(back[key], s[key], atol=0, rtol=0, msg=key)
@@ -220,9 +221,9 @@ def test_rgb_model_on_microscopy_channels_at_another_size():
     """Each of C channels as a gray RGB image, positions resampled to the crop's grid, embeddings
     concatenated: [1, B, C * D]."""
     s = timm_state(seed=5)
-    config, weights = mae.from_timm(s)
-    model = mae.build(config, verbose=False).eval()
-    model.load_state_dict(weights)
+    config, tensors = weights.from_timm(s)
+    model = mae.build(mae.MAEConfig(**config), verbose=False).eval()
+    model.load_state_dict(tensors)
     crops = torch.randint(0, 256, (2, 5, 48, 48), dtype=torch.uint8)
     z = model.embed(crops)
     assert z.shape == (1, 2, 5 * 128)
@@ -236,11 +237,11 @@ def test_rgb_model_on_microscopy_channels_at_another_size():
 
 def test_timm_unknown_tensors_are_errors():
     s = timm_state()
-    mae.from_timm(dict(s, **{"fc_norm.weight": torch.ones(128)}))  # known, unused by embed(): no error
+    weights.from_timm(dict(s, **{"fc_norm.weight": torch.ones(128)}))  # known, unused by embed(): no error
     with pytest.raises(SystemExit, match="blocks.1.attn.mystery"):
-        mae.from_timm(dict(s, **{"blocks.1.attn.mystery": torch.ones(3)}))
+        weights.from_timm(dict(s, **{"blocks.1.attn.mystery": torch.ones(3)}))
     with pytest.raises(SystemExit, match="reg_token"):
-        mae.from_timm(dict(s, reg_token=torch.zeros(1, 4, 128)))
+        weights.from_timm(dict(s, reg_token=torch.zeros(1, 4, 128)))
 
 
 def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
@@ -251,7 +252,8 @@ def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
     import data
     import evaluate
     import probe
-    data.synth(tmp_path / "synth", size="tests", seed=0)
+    import synth
+    synth.synth(tmp_path / "synth", size="tests", seed=0)
     crops = data.prepare(tmp_path / "synth" / "images", tmp_path / "synth" / "metadata.csv", tmp_path / "crops",
                          crop_size=32, workers=2)
     torch.save({"state_dict": openphenom_state()}, tmp_path / "model.safetensors")
