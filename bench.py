@@ -36,6 +36,7 @@ import torch
 
 import data
 import evaluate
+import synth
 from data import random_dataset
 from model import MAEConfig, build, save_consolidated
 
@@ -138,11 +139,11 @@ def train_figures(presets, parallel, steps, batch_size, extra):
 
 def efaar_reference():
     """efaar-benchmarking's benchmarking module (the reference implementation), imported from its wheel,
-    which data.annotations_dir() keeps (its own dependencies are not installed: scvi-tools and co.)."""
-    annotations = data.annotations_dir()
+    which evaluate.annotation_tables() keeps (its own dependencies are not installed: scvi-tools and co.)."""
+    annotations = evaluate.annotation_tables()
     wheel = next(annotations.parent.glob("efaar_benchmarking-*.whl"), None) if annotations else None
     if wheel is None and annotations:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(annotations.parent), data.ANNOTATION_PACKAGE]
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(annotations.parent), evaluate.ANNOTATION_PACKAGE]
         subprocess.run(pip, check=True, capture_output=True)
         wheel = next(annotations.parent.glob("efaar_benchmarking-*.whl"))
     if str(wheel) not in sys.path:
@@ -156,7 +157,7 @@ def recall_figures(genes, dims, seed=0):
     import pandas as pd
     from sklearn.utils import Bunch
     reference = efaar_reference()
-    annotations = data.annotations_dir()
+    annotations = evaluate.annotation_tables()
     symbols = sorted({g for s in evaluate.SOURCES for g in np.concatenate(evaluate.read_relationships(str(annotations), s))})
     symbols += [f"UNANNOTATED-{i}" for i in range(max(0, genes - len(symbols)))]
     rng = np.random.default_rng(seed)
@@ -191,7 +192,7 @@ def probe_figures(depth, seed=0):
     from sklearn.metrics import balanced_accuracy_score
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data.synth(tmp / "synth", size="demo", seed=seed)
+        synth.synth(tmp / "synth", size="demo", seed=seed)
         crops = data.prepare(tmp / "synth" / "images", tmp / "synth" / "metadata.csv", tmp / "crops", crop_size=64)
         config = dict(channel_agnostic=False, img_size=64, patch_size=8, dim=128, depth=depth,
                       heads=4, mlp_dim=512, dec_dim=128, dec_depth=2, dec_heads=4, dec_mlp_dim=256)
@@ -226,17 +227,17 @@ def probe_figures(depth, seed=0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", nargs="?", default="train", choices=["train", "recall", "probe"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    parser.add_argument("suite", nargs="?", default="train", choices=["train", "recall", "probe"], help="which figures")
     parser.add_argument("--depth", type=int, default=12, help="probe: blocks of the model")
     parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
     parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
-    parser.add_argument("--presets", default="vits16")
-    parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"])
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--compile", default="none", choices=["none", "blocks", "model"])
-    parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument("--presets", default="vits16", help="train: comma-separated model.PRESETS keys")
+    parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"], help="train: train.py's parallel")
+    parser.add_argument("--batch_size", type=int, default=8, help="train: crops per step")
+    parser.add_argument("--steps", type=int, default=5, help="train: timed steps (the median is printed)")
+    parser.add_argument("--compile", default="none", choices=["none", "blocks", "model"], help="train: train.py's compile")
+    parser.add_argument("--activation_checkpointing", action="store_true", help="train: recompute each block in the backward pass")
     parser.add_argument("--skip_hf", action="store_true", help="only the train.py figures")
     parser.add_argument("--skip_train", action="store_true", help="only the comparison with transformers")
     args = parser.parse_args()

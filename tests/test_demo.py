@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 import data
+import synth
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -62,13 +63,13 @@ def test_demo_end_to_end_trained_beats_untrained(tmp_path):
 def test_planted_map_is_the_rendered_phenotype(tmp_path):
     """planted.npy holds, per well, the phenotype synth rendered: a complex gene's wells sit near its
     planted effect, a control's near zero."""
-    data.synth(tmp_path, size="tests", seed=3)
+    synth.synth(tmp_path, size="tests", seed=3)
     planted, wells = np.load(tmp_path / "planted.npy"), data.read_csv(tmp_path / "planted.csv")
     truth = json.loads((tmp_path / "truth.json").read_text())
-    assert planted.shape == (len(wells), len(data.FEATURES))
+    assert planted.shape == (len(wells), len(synth.FEATURES))
     for phenotype, well in zip(planted, wells):
         gene = truth["genes"].get(well["perturbation"])
-        expected = np.array(gene["effect"]) if gene else np.zeros(len(data.FEATURES))
+        expected = np.array(gene["effect"]) if gene else np.zeros(len(synth.FEATURES))
         if well["perturbation_type"] != "compound":
             assert np.abs(phenotype - expected).max() < 0.15 * 6  # well-to-well variation only
     groups = data.read_csv(tmp_path / "gene_groups.csv")

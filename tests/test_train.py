@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import synth
 from model import from_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ TINY = dict(preset="vits16", channel_agnostic=True, img_size=32, patch_size=8, d
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    screen = data.synth(root / "screen", size="tests", seed=0)
+    screen = synth.synth(root / "screen", size="tests", seed=0)
     return data.prepare(screen / "images", screen / "metadata.csv", root / "crops", crop_size=32, workers=2)
 
 

@@ -1,0 +1,72 @@
+"""The built-in synthetic screen: deterministic, real complexes, planted biology visible in the images."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+import evaluate
+import synth
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    return synth.synth(tmp_path_factory.mktemp("synth") / "screen", size="tests", seed=0)
+
+
+def test_synth_is_deterministic(screen, tmp_path):
+    again = synth.synth(tmp_path / "again", size="tests", seed=0)
+    assert (again / "metadata.csv").read_bytes() == (screen / "metadata.csv").read_bytes()
+    assert (again / "truth.json").read_bytes() == (screen / "truth.json").read_bytes()
+    for path in sorted((screen / "images").rglob("*.tif"))[:10]:
+        assert (again / path.relative_to(screen)).read_bytes() == path.read_bytes()
+
+
+def test_synth_plants_real_complexes_with_real_symbols(screen):
+    truth = json.loads((screen / "truth.json").read_text())
+    corum = evaluate.corum_complexes(evaluate.annotation_tables())
+    complexes = {g["complex"] for g in truth["genes"].values() if g["complex"]}
+    assert len(complexes) == synth.SYNTH_SIZES["tests"]["complexes"]
+    for name in complexes:
+        members = [g for g, t in truth["genes"].items() if t["complex"] == name]
+        assert set(members) == set(corum[name])
+    rows = list(csv.DictReader(open(screen / "metadata.csv")))
+    controls = [r for r in rows if r["perturbation_type"] == "control"]
+    assert controls and all(r["is_control"] == "True" for r in controls)
+    assert {r["experiment"] for r in rows} == {"E1", "E2"}
+
+
+def well_statistics(image):
+    """Simple per-channel statistics of one raw image: mean, spread, and edge strength, each
+    relative to the channel's mean so a plate's gain cancels."""
+    x = image.astype(np.float64)
+    mean = x.mean(axis=(1, 2))
+    edges = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2))
+    return np.concatenate([x.std(axis=(1, 2)) / mean, edges / mean, np.log(mean)])
+
+
+def test_planted_complexes_are_visible_in_simple_well_statistics(screen):
+    truth = json.loads((screen / "truth.json").read_text())
+    rows = list(csv.DictReader(open(screen / "metadata.csv")))
+    stats = {}
+    for r in rows:
+        image = tifffile.imread(screen / "images" / r["plate"] / f"{r['well']}_s{r['site']}.tif")
+        stats.setdefault(r["plate"], []).append((r["perturbation"], well_statistics(image)))
+    profiles = {}
+    for plate, wells in stats.items():  # center-scale each plate on its controls
+        controls = np.array([s for p, s in wells if p == "non-targeting"])
+        for p, s in wells:
+            if p in truth["genes"]:
+                profiles.setdefault(p, []).append((s - controls.mean(0)) / controls.std(0))
+    genes = sorted(g for g in profiles if truth["genes"][g]["complex"])
+    x = np.array([np.mean(profiles[g], axis=0) for g in genes])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cosine = x @ x.T
+    same = np.array([[truth["genes"][a]["complex"] == truth["genes"][b]["complex"] for b in genes] for a in genes])
+    off_diagonal = ~np.eye(len(genes), dtype=bool)
+    within, between = cosine[same & off_diagonal].mean(), cosine[~same].mean()
+    print(f"cosine of gene profiles: within complexes {within:.2f}, between {between:.2f}")
+    assert within > between + 0.3
+
+
