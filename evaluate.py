@@ -304,80 +304,111 @@ def upper_triangle_blocks(x32, rows, chunks):
         yield i0, g, b * (n - i0) - b * (b + 1) // 2
 
 
-def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, sample_rows=128, window=0.005, seed=0):
-    """Exact float64 order statistics of the cosines of all n(n-1)/2 pairs of rows of x64 (unit rows),
-    and the float32 cosines of the query pairs (pair_i < pair_j), from ONE float32 pass over the upper
-    triangle, never holding it.
-
-    A sample of rows locates each rank roughly; the pass counts the pairs below a window around it and
-    keeps the pairs inside. The float32 value t32 of rank r is then exact, and the float64 value is the
-    rank among the pairs within 2e of t32 (e: float32_error_bound), recomputed in float64. Should a
-    window miss its rank (the sample misled), the pass is repeated with wider windows. Returns
-    {rank: t64}, the float32 query cosines, {flat pair index i*n+j: float64 cosine} of the pairs
-    recomputed in float64, and e."""
-    n, d = x64.shape
-    e = float32_error_bound(d, chunks)
-    x32 = x64.float()
+def sampled_quantile(x32, sample_rows, seed):
+    """q -> the q-quantile of the float32 cosines between a random sample of rows and all rows (each
+    row's cosine with itself left out): a rough map of where each order statistic lies."""
+    n = len(x32)
     rng = np.random.default_rng(seed)
-    sample = torch.from_numpy(np.sort(rng.choice(n, min(n, sample_rows), replace=False))).to(x64.device)
+    sample = torch.from_numpy(np.sort(rng.choice(n, min(n, sample_rows), replace=False))).to(x32.device)
     s = x32[sample] @ x32.T
     s[torch.arange(len(sample)), sample] = float("nan")
     s = s[~s.isnan()]
-    quantile = lambda q: float(s.kthvalue(min(len(s), max(1, round(q * len(s))))).values)
-    pairs_total = n * (n - 1) // 2
+    return lambda q: float(s.kthvalue(min(len(s), max(1, round(q * len(s))))).values)
+
+
+def rank_windows(ranks, pairs_total, quantile, window, e):
+    """Per rank r: [lo, hi], the sampled quantiles at r / pairs_total -+ window, widened by 2e (open at the ends)."""
+    windows = {}
+    for r in ranks:
+        p = r / pairs_total
+        lo = quantile(p - window) - 2 * e if p - window > 0 else -math.inf
+        hi = quantile(p + window) + 2 * e if p + window < 1 else math.inf
+        windows[r] = (lo, hi)
+    return windows
+
+
+def triangle_pass(x32, windows, pair_i, pair_j, rows, chunks):
+    """ONE float32 pass over the upper triangle (upper_triangle_blocks). Per rank r: how many pairs lie
+    below its window, and the pairs inside it (float32 values, flat indices i*n+j). Also the float32
+    cosines of the query pairs (pair_i sorted). Ranks in the lower half are searched among the low
+    cosines, the others among the high ones: one scan of a block per side, then only its tail."""
+    n = len(x32)
+    half = n * (n - 1) // 4
+    left, right = [r for r in windows if r <= half], [r for r in windows if r > half]
+    below, kept = {r: 0 for r in windows}, {r: [] for r in windows}
+    query32 = torch.empty(len(pair_i), dtype=torch.float32, device=x32.device)
+    starts = torch.searchsorted(pair_i, torch.arange(0, n + rows, rows, device=x32.device)).tolist()
+    for i0, g, valid in upper_triangle_blocks(x32, rows, chunks):
+        q = slice(starts[i0 // rows], starts[i0 // rows + 1])
+        query32[q] = g[pair_i[q] - i0, pair_j[q] - i0]
+        flat = g.view(-1)  # NaN below the diagonal: never in a tail
+        for side, in_tail in ((left, lambda: flat <= max(windows[r][1] for r in left)),
+                              (right, lambda: flat >= min(windows[r][0] for r in right))):
+            if not side:
+                continue
+            where = in_tail().nonzero().squeeze(1)
+            values = flat[where]
+            for r in side:
+                lo, hi = windows[r]
+                below[r] += int((values < lo).sum()) if side is left else valid - int((values >= lo).sum())
+                inside = (values >= lo) & (values <= hi)
+                at = where[inside]
+                kept[r].append((values[inside], (at // g.shape[1] + i0) * n + at % g.shape[1] + i0))
+    return below, kept, query32
+
+
+def candidates_of_ranks(windows, below, kept, e):
+    """Per rank r: (the number of pairs certainly below it, the flat indices of the pairs that may hold
+    it): its float32 value t32 is the (r - below)-th kept value, and every pair whose float64 cosine
+    could be the rank-r one lies within [t32 - 2e, t32 + 2e]. None when a window missed its rank or
+    does not hold that whole interval (the sample misled)."""
+    found = {}
+    for r, (lo, hi) in windows.items():
+        values = torch.cat([v for v, _ in kept[r]])
+        flat = torch.cat([f for _, f in kept[r]])
+        k = r - below[r]
+        if not 0 <= k < len(values):
+            return None
+        t32 = float(values.kthvalue(k + 1).values)
+        if not (lo <= t32 - 2 * e and t32 + 2 * e <= hi):
+            return None
+        near = (values >= t32 - 2 * e) & (values <= t32 + 2 * e)
+        found[r] = (below[r] + int((values < t32 - 2 * e).sum()), flat[near])
+    return found
+
+
+def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, sample_rows=128, window=0.005, seed=0):
+    """Exact float64 order statistics of the cosines of all N = n(n-1)/2 pairs of rows of x64 (unit
+    rows), and the float32 cosines of the query pairs (pair_i < pair_j), from ONE float32 pass over the
+    upper triangle, never holding it.
+
+    Invariant: every pair's float32 cosine is within e of its float64 one (e = float32_error_bound), so
+    the rank-r float64 value is held by a pair within 2e of the rank-r float32 value t32.
+    Algorithm: 1. cosines of a sample of rows place each rank r roughly: a window of float32 values
+    around the sample's r/N quantile (rank_windows); 2. one pass counts the pairs below each window and
+    keeps those inside (triangle_pass); 3. t32 is read off the kept values, and the pairs within 2e of
+    it are recomputed in float64 (candidates_of_ranks, pair_dots): the rank-r value is among them, at
+    rank r minus the pairs certainly below. Should a window miss (the sample misled), steps 2-3 are
+    repeated with windows 4x wider. Returns {rank: t64}, the float32 query cosines (in the callers'
+    order), {flat pair index i*n+j: float64 cosine} of the recomputed pairs, and e."""
+    n, d = x64.shape
+    e = float32_error_bound(d, chunks)
+    x32 = x64.float()
+    quantile = sampled_quantile(x32, sample_rows, seed)
     order = torch.argsort(pair_i)
-    pair_i, pair_j = pair_i[order], pair_j[order]
-    starts = torch.searchsorted(pair_i, torch.arange(0, n + rows, rows, device=x64.device)).tolist()
-    while True:
-        windows = {}
-        for r in ranks:
-            p = r / pairs_total
-            lo = quantile(p - window) - 2 * e if p - window > 0 else -math.inf
-            hi = quantile(p + window) + 2 * e if p + window < 1 else math.inf
-            windows[r] = (lo, hi)
-        left = [r for r in ranks if r <= pairs_total // 2]   # ranks found among the low cosines
-        right = [r for r in ranks if r > pairs_total // 2]
-        below = {r: 0 for r in ranks}
-        kept = {r: [] for r in ranks}
-        query32 = torch.empty(len(pair_i), dtype=torch.float32, device=x64.device)
-        for i0, g, valid in upper_triangle_blocks(x32, rows, chunks):
-            q = slice(starts[i0 // rows], starts[i0 // rows + 1])
-            query32[q] = g[pair_i[q] - i0, pair_j[q] - i0]
-            flat = g.view(-1)
-            for side, tail in ((left, lambda: flat <= max(windows[r][1] for r in left)),
-                               (right, lambda: flat >= min(windows[r][0] for r in right))):
-                if not side:
-                    continue
-                where = tail().nonzero().squeeze(1)  # one scan of the block per side, then only its tail
-                values = flat[where]
-                for r in side:
-                    lo, hi = windows[r]
-                    below[r] += int((values < lo).sum()) if side is left else valid - int((values >= lo).sum())
-                    inside = (values >= lo) & (values <= hi)
-                    at = where[inside]
-                    kept[r].append((values[inside], (at // g.shape[1] + i0) * n + at % g.shape[1] + i0))
-        exact, need = {}, []
-        for r in ranks:
-            values = torch.cat([v for v, _ in kept[r]])
-            flat = torch.cat([f for _, f in kept[r]])
-            k = r - below[r]
-            if not 0 <= k < len(values):
-                break
-            t32 = float(values.kthvalue(k + 1).values)
-            lo, hi = windows[r]
-            if not lo <= t32 - 2 * e and t32 + 2 * e <= hi:
-                break
-            near = (values >= t32 - 2 * e) & (values <= t32 + 2 * e)
-            exact[r] = (below[r] + int((values < t32 - 2 * e).sum()), flat[near])
-            need.append(flat[near])
-        else:
-            flat = torch.cat(need).unique() if need else torch.empty(0, dtype=torch.long, device=x64.device)
-            value_of = dict(zip(flat.tolist(), pair_dots(x64, flat // n, flat % n).tolist()))
-            stats = {r: sorted(value_of[f] for f in candidates.tolist())[r - count_below]
-                     for r, (count_below, candidates) in exact.items()}
-            query32 = torch.empty_like(query32).scatter_(0, order.to(x64.device), query32)
-            return stats, query32, value_of, e
+    found = None
+    while found is None:
+        windows = rank_windows(ranks, n * (n - 1) // 2, quantile, window, e)
+        below, kept, query32 = triangle_pass(x32, windows, pair_i[order], pair_j[order], rows, chunks)
+        found = candidates_of_ranks(windows, below, kept, e)
         window *= 4
+    need = [flat for _, flat in found.values()]
+    flat = torch.cat(need).unique() if need else torch.empty(0, dtype=torch.long, device=x64.device)
+    value_of = dict(zip(flat.tolist(), pair_dots(x64, flat // n, flat % n).tolist()))
+    stats = {r: sorted(value_of[f] for f in candidates.tolist())[r - count_below]
+             for r, (count_below, candidates) in found.items()}
+    query32 = torch.empty_like(query32).scatter_(0, order.to(x64.device), query32)
+    return stats, query32, value_of, e
 
 
 def pair_dots(x, i, j):

@@ -81,6 +81,18 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
         assert abs(stats[r] - full[r]) < 1e-15
 
 
+def test_a_window_that_cuts_the_error_interval_is_a_miss():
+    """A rank is settled only when its window holds all of [t32 - 2e, t32 + 2e]: a pair just past the
+    window's end was never kept, and its float64 value could be the rank's. (The old test of this
+    condition read `not lo <= a and b <= hi` and let a window cut on its upper side pass.)"""
+    values, e = torch.tensor([0.1, 0.2, 0.3]), 0.01
+    kept = {1: [(values, torch.arange(3))]}  # rank 1 (0-based) is 0.2 in float32
+    assert evaluate.candidates_of_ranks({1: (0.0, 0.21)}, {1: 0}, kept, e) is None
+    assert evaluate.candidates_of_ranks({1: (0.19, 0.3)}, {1: 0}, kept, e) is None
+    count_below, candidates = evaluate.candidates_of_ranks({1: (0.0, 0.3)}, {1: 0}, kept, e)[1]
+    assert count_below == 1 and candidates.tolist() == [1]
+
+
 def test_float32_bound_holds_on_hard_input():
     """The bound on float32 vs float64 cosines is not violated, even for nearly parallel vectors of
     large entries (where cancellation is worst)."""
