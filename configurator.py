@@ -6,9 +6,26 @@ command line come config files (executed in order) and --key=value overrides:
 
 A key that the script does not know, or a value of another type than the default, is an
 error that names the file or argument, so a typo never trains the wrong model silently.
+--help prints every setting with its default and the comment beside it in the source.
 """
 
+import re
+import sys
 from ast import literal_eval
+
+SETTING = re.compile(r"^\s*(\w+)\s*(?::[^=]+)?=.*?(?:#\s*(.*))?$")  # `key = value  # comment`, or a dataclass field
+
+
+def settings_help(defaults, sources):
+    """One line per setting: --key=default and the comment on its line in the source files."""
+    comments = {}
+    for path in sources:
+        for line in open(path):
+            m = SETTING.match(line)
+            if m and m[1] in defaults and m[1] not in comments:
+                comments[m[1]] = m[2] or ""
+    width = max(len(f"--{k}={v!r}") for k, v in defaults.items())
+    return "\n".join(f"  {f'--{k}={v!r}':{width}}  {comments.get(k, '')}".rstrip() for k, v in defaults.items())
 
 
 def check(key, value, defaults, where):
@@ -25,9 +42,13 @@ def check(key, value, defaults, where):
                      f"got {type(value).__name__} {value!r}")
 
 
-def configure(defaults, argv):
+def configure(defaults, argv, usage="", sources=()):
     """Return the settings that config files and --key=value arguments in argv change,
-    as {key: value}, each checked against `defaults` ({key: default value})."""
+    as {key: value}, each checked against `defaults` ({key: default value}). With -h or --help:
+    print `usage` and every setting (comments read from `sources`), and exit."""
+    if "-h" in argv or "--help" in argv:
+        print(f"{usage.strip()}\n\nsettings (config files and --key=value override them):\n{settings_help(defaults, sources)}")
+        sys.exit(0)
     changed = {}
     for arg in argv:
         if arg.startswith("--"):

@@ -443,7 +443,7 @@ def random_dataset(out, crops=2048, channels=6, size=256, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="TIFFs + metadata CSV -> shards of uint8 crops", formatter_class=HelpFormatter)
+    p = commands.add_parser("prepare", help="TIFFs + metadata CSV -> shards of uint8 crops", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of TIFFs")
     p.add_argument("--metadata", required=True, help="CSV with plate, well, site and any other columns")
     p.add_argument("--out", required=True, help="folder of the prepared dataset")
@@ -461,7 +461,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes; None: one per core")
     p.add_argument("--on-error", dest="on_error", choices=["raise", "skip"], default="raise",
                    help="a bad image stops the run, or is left out and listed in skipped.csv")
-    p = commands.add_parser("bench", help="loader crops/s", formatter_class=HelpFormatter)
+    p = commands.add_parser("bench", help="loader crops/s", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="a prepared dataset; None: 2,048 random 256x256x6 crops in a temporary folder")
     p.add_argument("--batch_size", type=int, default=256, help="crops per batch")
     p.add_argument("--steps", type=int, default=50, help="batches timed")

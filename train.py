@@ -1,18 +1,18 @@
 """
 Pretrain the MAE on one device, or on many with DDP or FSDP2 through torchrun. Settings are the
 globals below; config files and --key=value override them (any MAEConfig field of model.py may be
-set too, on top of the chosen preset):
+set too, on top of the chosen preset); --help lists them all:
 
     python train.py config/demo.py
-    torchrun --standalone --nproc_per_node=8 train.py config/vitg8.py --data=/data/phenoprints
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=32 --nproc_per_node=8 --rdzv_backend=c10d \\
-        --rdzv_endpoint=$HEAD:29500 --rdzv_id=vitg8 --max-restarts=3 train.py config/vitg8.py --data=/data/phenoprints
+    torchrun --standalone --nproc_per_node=8 train.py config/vitg8.py --data=/data/phenoprints --parallel=fsdp
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=32 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=vitg8 --max-restarts=3 train.py config/vitg8.py --data=/data/phenoprints --parallel=fsdp
 
 A run writes checkpoints to out_dir and, started again (by hand, or by torchrun after a worker
 died), resumes from the latest one by itself. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 keeps torchrun's
 restarted workers from reading the dead workers' addresses (pytorch/pytorch#135712, #167288).
 """
 
+import inspect
 import json
 import math
 import os
@@ -47,35 +47,35 @@ augment = True              # the 8 flips/rotations of the square
 # optimization
 optimizer = "lion"          # "lion" (the paper's) or "adamw"
 lr = 1e-4                   # peak learning rate
-betas = (0.9, 0.95)
-weight_decay = 0.05
+betas = (0.9, 0.95)         # Lion: (update interpolation, momentum decay); AdamW: its betas
+weight_decay = 0.05         # decoupled, on matrices only (model.param_groups)
 warmup_frac = 0.1           # one-cycle cosine: linear warmup over this fraction of max_steps
 min_lr_frac = 0.0           # lr at the end of the cosine, as a fraction of lr
-max_steps = 100
+max_steps = 100             # optimizer steps in all; 0 writes the initialized model (model.pt at step 0)
 batch_size = 8              # crops per micro-step on each device
 global_batch = 8            # crops per optimizer step over all devices; gradient accumulation makes up the rest
 grad_clip = 1.0             # max global grad norm; 0 disables
 max_bad_steps = 10          # consecutive steps with a non-finite loss or gradient before the run stops
 # parallelism and speed
 parallel = "none"           # "none", "ddp" or "fsdp" (FSDP2: fully_shard per block, then the root)
-activation_checkpointing = False
+activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~25% more compute
 compile = "none"            # "none", "blocks" (each block, torchtitan-style) or "model"
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" or "cpu"; torchrun ranks take cuda:LOCAL_RANK
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype: autocast, or FSDP mixed precision
 sdpa_backend = ""           # "" lets PyTorch choose; or "flash", "efficient", "cudnn", "math"
 # checkpoints and logs
-out_dir = "out/demo/train"
+out_dir = "out/demo/train"  # checkpoints, model.pt, logs and pictures
 ckpt_interval = 100         # steps between checkpoints (and one at the end)
 keep_ckpts = 2              # older checkpoints are deleted
-log_interval = 10
+log_interval = 10           # steps between log lines
 log_file = ""               # a JSON line per logged step, if set
 snapshot_interval = 0       # steps between reconstruction pictures (input | masked | prediction), 0 = none
-seed = 1337
+seed = 1337                 # initialization, data order, masks and stochastic depth
 peak_flops = 989e12         # per device, for MFU: H100 SXM bf16 dense (H100 PCIe 756e12, H200 989e12, A100 312e12)
 
 model_fields = {f.name: f.default for f in fields(MAEConfig)}
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
-changed = configure({**settings, **model_fields}, sys.argv[1:])
+changed = configure({**settings, **model_fields}, sys.argv[1:], __doc__, (__file__, inspect.getfile(MAEConfig)))
 globals().update({k: v for k, v in changed.items() if k not in model_fields})
 settings.update({k: v for k, v in changed.items() if k not in model_fields})
 model_config = MAEConfig.from_preset(preset, **{k: v for k, v in changed.items() if k in model_fields})
@@ -230,6 +230,8 @@ def snapshot(model, x, step, write, crops=4):
 
 
 def main():
+    if max_steps < 0:
+        raise SystemExit(f"max_steps must be 0 or more, got {max_steps}")
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed and parallel == "none":
         raise SystemExit("started by torchrun with several processes: set --parallel=ddp or --parallel=fsdp")

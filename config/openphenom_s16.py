@@ -1,4 +1,4 @@
-# CA-MAE-S/16 as released (OpenPhenom; ../shared/PAPER.md "Models" and "Training recipe"):
+# CA-MAE-S/16 as released (OpenPhenom; arXiv 2411.02572, Table 4 and its training setup; arXiv 2404.10242):
 # channel-agnostic tokenization of 256x256x6 crops, no channel embedding, ViT-S/16 encoder with
 # parallel blocks, QK-norm, no qkv bias, LayerScale 1e-4, stochastic depth 0.1; decoder 8 x 512
 # (the paper's (?) default); Lion lr 1e-4 betas (0.9, 0.95) wd 0.05, global batch 2,048, 100 epochs

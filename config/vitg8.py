@@ -1,5 +1,5 @@
-# MAE-G/8 (Phenom-2; ../shared/PAPER.md): standard tokenization, width 1664, depth 48, 16 heads (?),
-# MLP 8192 (?) -> 1.84B encoder parameters; parallel blocks, QK-norm, no qkv bias, LayerScale 1e-4,
+# MAE-G/8 (Phenom-2; arXiv 2411.02572, Table 4 and its training setup): standard tokenization, width 1664, depth 48,
+# 16 heads and MLP 8192 (neither pinned down by the paper) -> 1.84B encoder parameters; parallel blocks, QK-norm, no qkv bias, LayerScale 1e-4,
 # stochastic depth 0.6; Lion lr 3e-5 betas (0.9, 0.95) wd 0.05, global batch 8,192, 500 epochs of
 # Phenoprints-16M (~8B crops) one-cycle cosine with 10% warmup; mask 0.75; Fourier loss 0.01.
 preset = "vitg8"

@@ -61,3 +61,26 @@ def test_vitg8_config_is_the_papers_recipe():
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.py")))
 def test_every_shipped_config_parses(config_file):
     assert "MAEConfig(" in model_config_of(f"config/{config_file}")
+
+
+def test_train_help_lists_every_setting_with_its_default_and_comment():
+    run = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0]: line for line in run.stdout.splitlines() if line.startswith("  --")}
+    assert "peak learning rate" in lines["--lr=0.0001"]
+    assert "encoder width" in lines["--dim=384"]                      # an MAEConfig field, from model.py
+    assert "optimizer steps" in lines["--max_steps=100"]
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines.values()), "a setting without a comment"
+    assert len(lines) >= 55                                           # train.py's globals and MAEConfig's fields
+
+
+@pytest.mark.parametrize("script", ["data.py prepare", "synth.py", "curate.py", "probe.py", "evaluate.py", "demo.py", "bench.py"])
+def test_every_command_explains_itself(script):
+    run = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "(default:" in run.stdout, run.stderr
+    assert "python " in run.stdout  # the usage examples of its docstring
+
+
+def test_a_negative_max_steps_is_a_one_line_error():
+    run = subprocess.run([sys.executable, "train.py", "--max_steps=-5"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip() == "max_steps must be 0 or more, got -5"
