@@ -752,8 +752,8 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         if name not in wells[0]:
             raise SystemExit(f"metadata: no column {name!r} (columns: {', '.join(wells[0])})")
     perturbation, batch = column(perturbation_col), column(batch_col)
-    kind = column("perturbation_type", "gene")
-    kind[perturbation == control] = "control"
+    # np.where sizes the strings for "control": assigning it into a column of "gene"s cut it to "cont"
+    kind = np.where(perturbation == control, "control", column("perturbation_type", "gene"))
     # Filter: unlabeled wells, dropped perturbations, perturbations seen in too few wells
     names, counts = np.unique(perturbation, return_counts=True)
     too_few = set(names[counts < min_wells]) - {control}
@@ -761,6 +761,10 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     ids = np.flatnonzero(keep)
     if (perturbation[ids] == control).sum() == 0:
         raise SystemExit(f"metadata: no control wells ({perturbation_col} == {control!r}); pass --control")
+    mapped = set(perturbation[ids][(kind[ids] != "control") & (kind[ids] != "compound")].tolist())
+    if len(mapped) < 2:
+        raise SystemExit(f"metadata: {len(mapped)} perturbation(s) left to map after --drop and --min_wells {min_wells}; "
+                         "the benchmarks need 2 or more")
     aligned = align(_rows(features, ids), batch[ids], perturbation[ids] == control, align_method, out / "aligned.npy",
                     pca_dims)
     perturbation, batch, kind = perturbation[ids], batch[ids], kind[ids]

@@ -2,6 +2,7 @@
 scipy / scikit-learn, alignment, streaming embedding, and the synthetic screen end to end."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -104,6 +105,40 @@ def test_float32_bound_holds_on_hard_input():
     for c in range(416, 1664, 416):
         g32.addmm_(x32[:, c:c + 416], x32[:, c:c + 416].T)
     assert (g32.double() - x @ x.T).abs().max() < evaluate.float32_error_bound(1664, 4)
+
+
+def test_float32_bound_is_approached_on_an_adversarial_input():
+    """Unit rows (c, e, ..., e, 0, ...) with e^2 just under half an ulp of c^2: a float32 sum that
+    starts at c^2 rounds every e^2 away, so the matrix products of upper_triangle_blocks lose many of
+    them. The bound holds, and is within 32x of what happens here (measured 16x: a bound loosened to
+    ~sqrt(k) u would be broken)."""
+    d, chunks = 8192, 2
+    k = d // chunks
+    e2 = 0.99 * 2.0 ** -25
+    x = np.zeros((3, d))
+    x[:, 1:k] = math.sqrt(e2)
+    x[:, 0] = math.sqrt(1 - (k - 1) * e2)
+    x = torch.from_numpy(x)
+    exact, worst = x @ x.T, 0.0
+    for i0, g, valid in evaluate.upper_triangle_blocks(x.float(), 512, chunks):
+        error = (g.double() - exact[i0:i0 + g.shape[0], i0:]).abs()
+        worst = max(worst, float(error[~error.isnan()].max()))
+    bound = evaluate.float32_error_bound(d, chunks)
+    assert bound / 32 < worst <= bound, (worst, bound)
+
+
+def test_centerscale_uses_each_batchs_control_statistics(tmp_path):
+    """Per batch: minus the mean of its controls, over their (biased) standard deviation; the other
+    wells' statistics play no part."""
+    rng = np.random.default_rng(22)
+    batch = np.repeat(["B1", "B2"], 20)
+    is_control = np.tile(np.arange(20) < 6, 2)
+    x = np.where(is_control[:, None], rng.normal(5, 3, (40, 4)), rng.normal(-2, 1, (40, 4)))
+    aligned = evaluate.align(x, batch, is_control, "centerscale")
+    for b in ("B1", "B2"):
+        rows, controls = batch == b, (batch == b) & is_control
+        expected = (x[rows] - x[controls].mean(0)) / x[controls].std(0)
+        np.testing.assert_allclose(aligned[rows], expected, rtol=1e-6, atol=1e-6)
 
 
 # ---- alignment ----------------------------------------------------------------------------------
@@ -209,6 +244,20 @@ def test_consistency_detects_planted_replicates():
     assert summary["ks_cross_batch"] > 0.5 and summary["cvm_cross_batch"] > 10
 
 
+def test_consistency_null_comes_from_the_perturbations_own_plates():
+    """No biology, a leftover offset per plate, and every perturbation's 2 replicates on one plate: the
+    replicates share their plate's offset, and so must the null (random wells of the same plates), or
+    that offset passes for consistency. A null of random wells from all plates calls nearly all of
+    them consistent here."""
+    rng = np.random.default_rng(21)
+    plates, per_plate = 10, 40
+    x = np.repeat(rng.normal(size=(plates, 16)), per_plate, 0) + rng.normal(size=(plates * per_plate, 16))
+    batches = np.repeat([f"P{i}" for i in range(plates)], per_plate)
+    names = np.array([f"G{p}-{w // 2}" for p in range(plates) for w in range(per_plate)])
+    summary, _ = evaluate.replicate_consistency(x, names, batches)
+    assert summary["fraction_p_below_0.01"] < 0.05
+
+
 def test_consistency_matches_efaar_with_null_perturbations(reference):
     import pandas as pd
     x, names, batches = noise_wells(np.random.default_rng(11), perturbations=60, signal=0.3)
@@ -244,6 +293,19 @@ def test_compound_activity_perfect_and_random():
     summary, per = evaluate.compound_gene_activity(noise, list(targets), gene_map, genes, activities)
     assert abs(summary["ap"] - summary["random_ap"]) < 0.1 and abs(summary["z"]) < 1
     assert all(v["positives"] == 3 and v["negatives"] == 20 for v in per.values())
+
+
+def test_compound_activity_scores_absolute_cosine_and_leaves_out_1_to_10_uM():
+    """A compound whose image is its target's knockout reversed scores |cosine| = 1; a gene it acts on at
+    5 uM (here as similar as the target) is neither positive nor negative."""
+    rng = np.random.default_rng(14)
+    genes = [f"G{i}" for i in range(10)]
+    gene_map = rng.normal(size=(10, 16))
+    gene_map[1] = 2 * gene_map[0]
+    activities = [("C", "G0", 0.5), ("C", "G1", 5.0)]
+    _, per = evaluate.compound_gene_activity(-gene_map[:1], ["C"], gene_map, genes, activities)
+    assert per["C"]["ap"] == 1.0 and per["C"]["roc_auc"] == 1.0
+    assert per["C"]["positives"] == 1 and per["C"]["negatives"] == 8
 
 
 def test_cluster_benchmark_matches_efaar(reference, annotations):
@@ -323,3 +385,65 @@ def test_evaluate_takes_one_block_of_a_blocks_file(screen, annotations, tmp_path
     assert recall(runs["block1"]) < recall(runs["alone"]) - 0.1
     with pytest.raises(SystemExit):
         evaluate.main(["--embeddings", str(tmp_path / "blocks.npy"), "--out", str(tmp_path / "x"), *common, "--block", "3"])
+
+
+def complex_map(annotations, rng, replicates=4, plates=4):
+    """Wells of the genes of 30 CORUM complexes (members share a direction), 4 replicates on 4 plates,
+    and 8 control wells per plate; returns features, the metadata rows, and each gene's chromosome arm
+    (4 arms, each complex spread over them)."""
+    complexes = [g for g in evaluate.corum_complexes(annotations).values() if 4 <= len(set(g)) <= 8]
+    genes, signal, seen = [], [], set()
+    for members in complexes:
+        members = sorted(set(members) - seen)
+        if len(members) < 4:
+            continue
+        direction = rng.normal(size=32)
+        genes += members
+        signal += [direction + 0.5 * rng.normal(size=32) for _ in members]
+        seen.update(members)
+        if len(genes) > 150:
+            break
+    features, rows = [], []
+    for p in range(plates):
+        for g, s in zip(genes, signal):
+            for r in range(replicates // plates):
+                features.append(s + rng.normal(size=32))
+                rows.append(dict(plate=f"P{p}", well=f"{g}-{r}", perturbation=g))
+        for c in range(8):
+            features.append(rng.normal(size=32))
+            rows.append(dict(plate=f"P{p}", well=f"C{c}", perturbation="non-targeting"))
+    arms = {g: f"arm{i % 4}" for i, g in enumerate(genes)}
+    return np.array(features), rows, arms
+
+
+def test_evaluate_command_line_filters_aggregation_and_arms(annotations, tmp_path):
+    """--drop and --min_wells through the command line; --aggregate median shrugs off one wild
+    replicate per gene where the mean does not; --chromosome_arms removes a shared offset of the genes
+    on each arm (proximity bias) that hides the complexes."""
+    rng = np.random.default_rng(30)
+    features, rows, arms = complex_map(annotations, rng)
+    genes = sorted({r["perturbation"] for r in rows} - {"non-targeting"})
+    wild = np.flatnonzero([r["plate"] == "P0" and r["perturbation"] != "non-targeting" for r in rows])
+    features[wild] += 40 * rng.normal(size=(len(wild), 32))          # one replicate per gene gone wild
+    arm_offset = {a: 6 * rng.normal(size=32) for a in set(arms.values())}
+    biased = features + np.array([arm_offset[arms[r["perturbation"]]] if r["perturbation"] in arms else np.zeros(32) for r in rows])
+    np.save(tmp_path / "wild.npy", features)
+    np.save(tmp_path / "biased.npy", biased)
+    data.write_csv(tmp_path / "wells.csv", ["plate", "well", "perturbation"], [list(r.values()) for r in rows])
+    data.write_csv(tmp_path / "arms.csv", ["gene", "arm"], sorted(arms.items()))
+
+    def run(name, embeddings, *extra):
+        evaluate.main(["--embeddings", str(tmp_path / embeddings), "--metadata", str(tmp_path / "wells.csv"),
+                       "--out", str(tmp_path / name), "--annotations", str(annotations), "--align", "centerscale", *extra])
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    base = run("base", "wild.npy")
+    assert base["counts"]["genes"] == len(genes)
+    assert run("drop", "wild.npy", "--drop", f"{genes[0]},{genes[1]}")["counts"]["genes"] == len(genes) - 2
+    assert run("min_wells", "wild.npy", "--min_wells", "4")["counts"]["genes"] == len(genes)  # 4 wells each
+    with pytest.raises(SystemExit, match="0 perturbation.s. left to map after --drop and --min_wells 5"):
+        run("min_wells", "wild.npy", "--min_wells", "5")
+    corum = lambda report: report["recall"]["CORUM"]["recall_0.05_0.95"]
+    assert corum(run("median", "wild.npy", "--aggregate", "median")) > corum(base) + 0.15
+    no_arms = run("no_arms", "biased.npy", "--aggregate", "median")
+    assert corum(run("arms", "biased.npy", "--aggregate", "median", "--chromosome_arms", str(tmp_path / "arms.csv"))) > corum(no_arms) + 0.15
