@@ -59,6 +59,8 @@ def configure(defaults, argv, usage="", sources=()):
                 value = literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word is a string: --preset=vitg8
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = text  # a string setting takes the text as typed: --data_weights=3,1
             changed[key] = check(key, value, defaults, arg)
         else:
             try:

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,12 @@ def test_bad_settings_are_one_line_errors(argv, message):
         configure(DEFAULTS, argv)
 
 
+def test_a_string_setting_takes_the_text_as_typed():
+    defaults = {"data_weights": "", "data": "", "lr": 1e-4}
+    changed = configure(defaults, ["--data_weights=3,1", "--data=/a/b,/c/d", "--lr=1"])
+    assert changed == {"data_weights": "3,1", "data": "/a/b,/c/d", "lr": 1.0}
+
+
 def test_a_typo_in_a_config_file_names_the_file(tmp_path):
     path = tmp_path / "typo.py"
     path.write_text("max_step = 10\n")
@@ -41,26 +48,32 @@ def test_a_typo_in_a_config_file_names_the_file(tmp_path):
 
 def model_config_of(config_file):
     """What train.py makes of a config file: its settings are parsed at import, before any training."""
-    code = (f"import sys; sys.argv = ['train.py', {config_file!r}]; import train, torch\n"
+    code = (f"import sys, json; sys.argv = ['train.py', {config_file!r}]; import train, torch\n"
             "from model import MAE\n"
             "with torch.device('meta'): m = MAE(train.model_config)\n"
-            "print(train.lr, train.global_batch, train.optimizer, m.num_params(), train.model_config)")
+            "print(json.dumps(dict(settings={k: getattr(train, k) for k in train.settings}, params=m.num_params(), "
+            "config=repr(train.model_config))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_vitg8_config_is_the_papers_recipe():
-    lr, batch, optimizer, params, config = model_config_of("config/vitg8.py").split(" ", 4)
-    assert (float(lr), int(batch), optimizer) == (3e-5, 8192, "lion")
-    assert 1.80e9 <= int(params) <= 1.90e9
+    """arXiv 2411.02572's MAE-G/8: Lion lr 3e-5, betas (0.9, 0.95), weight decay 0.05, global batch 8,192,
+    one-cycle cosine with 10% warmup; ViT-G/8 with stochastic depth 0.6, mask 0.75, Fourier 0.01."""
+    recipe = model_config_of("config/vitg8.py")
+    s = recipe["settings"]
+    assert (s["lr"], s["global_batch"], s["optimizer"]) == (3e-5, 8192, "lion")
+    assert (tuple(s["betas"]), s["weight_decay"], s["warmup_frac"], s["min_lr_frac"]) == ((0.9, 0.95), 0.05, 0.1, 0.0)
+    assert 1.80e9 <= recipe["params"] <= 1.90e9
     for fact in ("patch_size=8", "dim=1664", "depth=48", "drop_path=0.6", "mask_ratio=0.75",
-                 "fourier_weight=0.01", "channel_agnostic=False", "parallel_blocks=True", "qkv_bias=False"):
-        assert fact in config
+                 "fourier_weight=0.01", "channel_agnostic=False", "parallel_blocks=True", "qkv_bias=False",
+                 "qk_norm=True", "layerscale_init=0.0001", "norm_pix_loss=False"):
+        assert fact in recipe["config"]
 
 
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.py")))
 def test_every_shipped_config_parses(config_file):
-    assert "MAEConfig(" in model_config_of(f"config/{config_file}")
+    assert "MAEConfig(" in model_config_of(f"config/{config_file}")["config"]
 
 
 def test_train_help_lists_every_setting_with_its_default_and_comment():
