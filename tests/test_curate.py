@@ -38,16 +38,21 @@ def without_phenotype(truth):
     return set(truth["junk"]["inconsistent"]) | {g for g, v in truth["genes"].items() if not v["complex"]}
 
 
-def test_curation_consistency_is_exact_on_the_planted_phenotypes(junk_screen, tmp_path):
-    """The rule itself, given features without image noise (each well's planted phenotype, in
-    evaluate.well_table order): it keeps every complex gene and drops exactly the genes without one."""
-    root, truth, _ = junk_screen
+def planted_embeddings(root, tmp_path):
+    """Each well's planted phenotype (no image, no noise) as its embedding, in evaluate.well_table order."""
     planted, rows = np.load(root / "synth" / "planted.npy"), data.read_csv(root / "synth" / "planted.csv")
     row_of = {(r["plate"], r["well"]): i for i, r in enumerate(rows)}
     _, wells = evaluate.well_table(data.CropDataset(root / "crops"))
     np.save(tmp_path / "planted.npy", planted[[row_of[w["plate"], w["well"]] for w in wells]])
-    report = curate.curate(root / "crops", tmp_path / "curated", embeddings=tmp_path / "planted.npy",
-                         min_experiments=2, min_wells=4)
+    return tmp_path / "planted.npy"
+
+
+def test_curation_consistency_is_exact_on_the_planted_phenotypes(junk_screen, tmp_path):
+    """The rule itself, given features without image noise (each well's planted phenotype, in
+    evaluate.well_table order): it keeps every complex gene and drops exactly the genes without one."""
+    root, truth, _ = junk_screen
+    report = curate.curate(root / "crops", tmp_path / "curated", embeddings=planted_embeddings(root, tmp_path),
+                           min_experiments=2, min_wells=4)
     dropped_genes = set(report["consistency"]["dropped"]) & set(truth["genes"])
     assert dropped_genes == without_phenotype(truth)
 
@@ -83,3 +88,35 @@ def test_curated_dataset_trains_like_any_other(junk_screen):
     assert batch.shape == (4, 6, 32, 32) and batch.dtype == torch.uint8
     controls = report["control_wells_negative"]
     assert controls["kept"] == pytest.approx(0.3 * controls["before"], abs=max(3, 0.15 * controls["before"]))
+
+
+def test_wells_with_no_label_or_several_are_unlabeled():
+    labels = np.array(["TP53", "", "TP53;MDM2", "TP53|MDM2", "TP53,MDM2", "CPD-001", "non-targeting"])
+    assert curate.unlabeled(labels).tolist() == [False, True, True, True, True, False, False]
+
+
+def test_too_rare_counts_experiments_and_wells_and_exempts_controls():
+    label = np.array(["A", "A", "A", "B", "B", "B", "B", "ctrl"])
+    experiment = np.array(["E1", "E2", "E3", "E1", "E1", "E2", "E2", "E1"])
+    well = np.array(["w1", "w2", "w3", "w4", "w5", "w6", "w6", "w7"])  # B: 3 distinct wells in 2 experiments
+    assert curate.too_rare(label, experiment, well, {"ctrl"}, min_experiments=3, min_wells=3) == ["B"]
+    assert curate.too_rare(label, experiment, well, {"ctrl"}, min_experiments=2, min_wells=4) == ["A", "B"]
+    assert curate.too_rare(label, experiment, well, {"ctrl"}, min_experiments=2, min_wells=3) == []
+
+
+def test_rare_perturbations_go_and_positive_controls_are_undersampled(junk_screen, tmp_path):
+    """With min_experiments above the screen's 2 experiments every perturbation is too rare but the
+    controls: the negative ones, and three genes named positive controls, each undersampled to its
+    fraction of wells."""
+    root, truth, _ = junk_screen
+    positive = sorted(g for g, v in truth["genes"].items() if v["complex"] and g not in truth["junk"]["inconsistent"])[:3]
+    report = curate.curate(root / "crops", tmp_path / "curated", embeddings=planted_embeddings(root, tmp_path),
+                           min_experiments=3, min_wells=4, positive_controls=positive, positive_fraction=0.25)
+    labels = {r["perturbation"] for r in data.read_csv(root / "crops" / "index.csv")} - {""}
+    assert set(report["perturbations_too_rare"]) == labels - {"non-targeting", *positive}
+    kept = data.read_csv(tmp_path / "curated" / "index.csv")
+    assert {r["perturbation"] for r in kept} == {"non-targeting", *positive}
+    for kind, fraction in (("positive", 0.25), ("negative", 0.3)):
+        wells = report[f"control_wells_{kind}"]
+        spread = 3 * (wells["before"] * fraction * (1 - fraction)) ** 0.5  # 3 binomial standard deviations
+        assert abs(wells["kept"] - fraction * wells["before"]) <= spread and 0 < wells["kept"] < wells["before"], (kind, wells)

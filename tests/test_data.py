@@ -211,6 +211,22 @@ def test_mixed_channel_counts_give_homogeneous_batches_by_weight(prepared):
     assert 0.68 < channels.count(3) / 400 < 0.82  # weight 3:1 -> 75%
 
 
+def test_the_loader_augments_each_crop_by_its_own_symmetry(prepared):
+    """With augment on (train.py's default), each crop comes out as one of the 8 symmetries of the crop
+    that the same loader without augmentation gives, drawn per crop: not all the identity."""
+    dataset = CropDataset(prepared[0])
+    augmented = Loader([dataset], batch_size=10, seed=3, augment=True)
+    plain = Loader([dataset], batch_size=10, seed=3, augment=False)
+    elements = []
+    for _ in range(3):
+        a, p = next(augmented), next(plain)
+        for crop, source in zip(a, p):
+            matches = [k for k in range(8) if torch.equal(crop, dihedral(source[None], torch.tensor([k]))[0])]
+            assert matches, "an augmented crop that is no symmetry of its source"
+            elements.append(matches[0])
+    assert len(set(elements)) >= 5  # 30 crops, 8 elements drawn uniformly
+
+
 def test_augmentation_is_a_symmetry_of_the_square():
     crop = torch.arange(2 * 5 * 5, dtype=torch.uint8).reshape(1, 2, 5, 5)  # no symmetry of its own
     reference = [np.rot90(crop[0].numpy(), r, axes=(1, 2)) for r in range(4)]

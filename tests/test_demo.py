@@ -58,19 +58,3 @@ def test_demo_end_to_end_trained_beats_untrained(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "$ python" not in again.stdout
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
-
-
-def test_planted_map_is_the_rendered_phenotype(tmp_path):
-    """planted.npy holds, per well, the phenotype synth rendered: a complex gene's wells sit near its
-    planted effect, a control's near zero."""
-    synth.synth(tmp_path, size="tests", seed=3)
-    planted, wells = np.load(tmp_path / "planted.npy"), data.read_csv(tmp_path / "planted.csv")
-    truth = json.loads((tmp_path / "truth.json").read_text())
-    assert planted.shape == (len(wells), len(synth.FEATURES))
-    for phenotype, well in zip(planted, wells):
-        gene = truth["genes"].get(well["perturbation"])
-        expected = np.array(gene["effect"]) if gene else np.zeros(len(synth.FEATURES))
-        if well["perturbation_type"] != "compound":
-            assert np.abs(phenotype - expected).max() < 0.15 * 6  # well-to-well variation only
-    groups = data.read_csv(tmp_path / "gene_groups.csv")
-    assert groups and all(truth["genes"][r["gene"]]["complex"] == r["group"] for r in groups)

@@ -86,6 +86,32 @@ def test_loss_ignores_visible_patches():
 
 # ---- loss -------------------------------------------------------------------------------------
 
+def test_loss_is_the_mean_over_the_masked_patches():
+    """Each term is averaged over the masked patches: divided by their count, not by all patches'."""
+    model = tiny(fourier_weight=0.25)
+    g = torch.Generator().manual_seed(3)
+    target, pred = torch.randn(2, 16, 192, generator=g), torch.randn(2, 16, 192, generator=g)
+    mask = torch.zeros(2, 16)
+    mask[0, :5], mask[1, 3:12] = 1, 1                                  # 14 of 32 masked, unevenly per crop
+    masked = mask.bool()
+    mse = ((pred - target) ** 2).mean(-1)[masked].mean()
+    spectrum = lambda t: torch.fft.fft2(t.view(2, 16, 8, 8, 3).permute(0, 1, 4, 2, 3)).abs()
+    fourier = (spectrum(pred) - spectrum(target)).abs().flatten(2).mean(-1)[masked].mean()
+    torch.testing.assert_close(model.loss(target, pred, mask), 0.75 * mse + 0.25 * fourier)
+
+
+def test_norm_pix_loss_standardizes_each_target_patch():
+    """norm_pix_loss (off in the released configs): the target is each patch minus its mean over its
+    own variance, as in the MAE paper; a prediction of exactly that scores 0."""
+    model = tiny(norm_pix_loss=True, fourier_weight=0.0)
+    target = 3 + 2 * torch.randn(2, 16, 192, generator=torch.Generator().manual_seed(4))
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    normalized = (target - mean) / (var + 1e-6).sqrt()
+    mask = torch.ones(2, 16)
+    assert model.loss(target, normalized, mask) < 1e-10
+    assert model.loss(target, target, mask) > 1.0                       # the raw target is not the target
+
+
 def test_fourier_loss_zero_for_perfect_reconstruction_positive_otherwise():
     model = tiny(fourier_weight=1.0)  # the Fourier term alone
     target = torch.randn(2, 16, 8 * 8 * 3)
@@ -280,6 +306,28 @@ def test_meta_build_gives_the_same_model_as_eager_build():
     torch.testing.assert_close(built.dec_pos_embed, eager.dec_pos_embed)
     assert built.state_dict().keys() == eager.state_dict().keys()
     assert "pos_embed" not in built.state_dict()  # fixed tables are never saved
+
+
+def test_initialization_is_a_function_of_the_seed_alone():
+    """Each parameter is drawn from its own generator (seed, its index): the global RNG's state changes
+    nothing, and the weights equal a model built whole, on meta, or with another seed only when they
+    should (so every FSDP rank fills its shard with the same weights as one process)."""
+    config = MAEConfig(img_size=32, patch_size=8, in_chans=3, dim=64, depth=2, heads=4, mlp_dim=128,
+                       dec_dim=32, dec_depth=1, dec_heads=4, dec_mlp_dim=64)
+    torch.manual_seed(0)
+    first = build(config, verbose=False).state_dict()
+    torch.manual_seed(1)
+    torch.rand(1000)
+    eager = MAE(config).state_dict()
+    for name, value in first.items():
+        assert torch.equal(eager[name], value), name
+    reseeded = build(config, verbose=False)
+    reseeded.init_weights(seed=7)
+    changed = [n for n, v in reseeded.state_dict().items() if not torch.equal(v, first[n])]
+    assert "blocks.0.in_proj.weight" in changed and "cls_token" in changed
+    q, k = first["blocks.0.attn.q_norm.weight"], first["blocks.0.attn.k_norm.weight"]
+    assert torch.equal(q, k)  # LayerNorms start at 1, not drawn
+    assert not torch.equal(first["blocks.0.in_proj.weight"][:64], first["blocks.1.in_proj.weight"][:64])
 
 
 def test_no_weight_decay_on_norms_biases_tokens_and_layerscale():

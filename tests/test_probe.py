@@ -68,6 +68,37 @@ def test_group_task_reads_groups_and_drops_controls(tmp_path):
     assert probe.task_labels(wells, "perturbation", keep_controls=True)[3] == "non-targeting"
 
 
+def plated_blocks(rng, experiments=4, plates=2, genes=12, d=16):
+    """Well embeddings of 3 'blocks' of a screen: block 2 carries each gene's signal, blocks 1 and 3 are
+    noise; every plate adds a large offset of its own (the leftover batch effect of raw embeddings)."""
+    signal = rng.normal(size=(genes, d))
+    wells, blocks = [], []
+    for e in range(experiments):
+        for p in range(plates):
+            offset = rng.normal(0, 8, d)
+            for g in list(range(genes)) + ["control"] * 6:
+                wells.append(dict(experiment=f"E{e}", plate=f"E{e}P{p}", well=f"W{len(wells)}",
+                                  perturbation="non-targeting" if g == "control" else f"G{g}"))
+                own = 0 if g == "control" else signal[g]
+                blocks.append([rng.normal(size=d) + offset, 1.5 * own + rng.normal(size=d) + offset, rng.normal(size=d) + offset])
+    return np.array(blocks).transpose(1, 0, 2), wells
+
+
+def test_probe_picks_the_block_that_carries_the_signal_and_centres_plates(tmp_path):
+    """The block a probe must pick is known here (block 2); and only with each plate centred and scaled
+    on its controls (the default) does the probe see the genes past the plates' offsets."""
+    features, wells = plated_blocks(np.random.default_rng(5))
+    np.save(tmp_path / "blocks.npy", features.astype(np.float32))
+    data.write_csv(tmp_path / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+    common = ["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv")]
+    aligned = probe.main(common + ["--out", str(tmp_path / "aligned")])
+    raw = probe.main(common + ["--out", str(tmp_path / "raw"), "--align", "none"])
+    assert aligned["best_block"]["perturbation"] == 2
+    accuracy = lambda report, block: report["curves"]["perturbation"][str(block)]["balanced_accuracy"]
+    assert accuracy(aligned, 2) > 0.8 and max(accuracy(aligned, 1), accuracy(aligned, 3)) < 0.3   # chance 1/12
+    assert accuracy(raw, 2) < accuracy(aligned, 2) - 0.3
+
+
 # ---- the block search on the synthetic screen, with a really trained model -----------------------------
 
 @pytest.fixture(scope="module")

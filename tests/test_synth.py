@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import data
 import evaluate
 import synth
 
@@ -70,3 +71,26 @@ def test_planted_complexes_are_visible_in_simple_well_statistics(screen):
     assert within > between + 0.3
 
 
+
+
+def test_planted_map_is_the_rendered_phenotype(tmp_path):
+    """planted.npy holds, per well, the phenotype synth rendered: the planted effect (a gene's; a
+    compound's target's on its Hill curve; zero for controls and null genes) plus that well's own
+    variation, N(0, 0.15) per axis."""
+    synth.synth(tmp_path, size="tests", seed=3)
+    planted, wells = np.load(tmp_path / "planted.npy"), data.read_csv(tmp_path / "planted.csv")
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert planted.shape == (len(wells), len(synth.FEATURES))
+    effect = lambda gene: np.array(truth["genes"][gene]["effect"])
+    expected = []
+    for well in wells:
+        p, kind = well["perturbation"], well["perturbation_type"]
+        if kind == "compound":
+            c, conc = truth["compounds"][p], float(well["concentration"])
+            expected.append(effect(c["target"]) * conc / (conc + c["ic50_um"]))
+        else:
+            expected.append(effect(p) if kind == "gene" else np.zeros(len(synth.FEATURES)))
+    variation = planted - np.array(expected)
+    assert abs(variation.mean()) < 0.02 and 0.13 < variation.std() < 0.17
+    groups = data.read_csv(tmp_path / "gene_groups.csv")
+    assert groups and all(truth["genes"][r["gene"]]["complex"] == r["group"] for r in groups)

@@ -180,3 +180,113 @@ def test_lion_matches_a_step_computed_by_hand():
     opt.step()
     # momentum m = 0.01 g1: c = 0.9 m + 0.1 g2 = [0.0027 - 0.1, -0.0018 - 0.1, 0.1]
     torch.testing.assert_close(p.data, before * 0.95 - 0.1 * torch.tensor([-1.0, -1.0, 1.0]))
+
+
+def test_lion_moves_by_the_sign_of_momentum_and_gradient_together():
+    """A gradient that reverses against its momentum: Lion follows sign(0.9 m + 0.1 g), not sign(g)."""
+    sys.argv = ["train.py"]
+    from train import Lion
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    opt = Lion([p], lr=1.0, betas=(0.9, 0.95), weight_decay=0.0)
+    p.grad = torch.tensor([1.0])
+    opt.step()                                   # m = 0.05 after the step; p = -1
+    p.grad = torch.tensor([-0.05])
+    opt.step()                                   # 0.9 * 0.05 + 0.1 * (-0.05) = 0.04 > 0: p = -2
+    assert p.item() == -2.0
+    torch.testing.assert_close(opt.state[p]["momentum"], torch.tensor([0.95 * 0.05 + 0.05 * -0.05]))
+
+
+@pytest.fixture
+def train_module(monkeypatch):
+    sys.argv = ["train.py"]
+    import train
+    return train
+
+
+def test_learning_rate_is_one_cycle_cosine(train_module, monkeypatch):
+    for key, value in dict(lr=1.0, max_steps=100, warmup_frac=0.1, min_lr_frac=0.1).items():
+        monkeypatch.setattr(train_module, key, value)
+    lr_at = train_module.lr_at
+    assert [lr_at(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])         # linear warmup over 10 steps
+    assert lr_at(10) == pytest.approx(1.0)                                            # the cosine starts at the peak
+    assert lr_at(55) == pytest.approx(0.1 + 0.9 * 0.5)                               # half way down the cosine
+    assert lr_at(100) == pytest.approx(0.1) and 0.1 < lr_at(99) < 0.101              # ends at min_lr_frac * lr
+    assert all(lr_at(s) > lr_at(s + 1) for s in range(10, 99))
+
+
+def test_adamw_takes_the_settings_and_the_decay_groups(train_module, monkeypatch):
+    for key, value in dict(optimizer="adamw", lr=0.01, betas=(0.8, 0.9), weight_decay=0.3).items():
+        monkeypatch.setattr(train_module, key, value)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.param_groups = lambda wd: [{"params": [model[0].weight], "weight_decay": wd},
+                                     {"params": [model[0].bias, *model[1].parameters()], "weight_decay": 0.0}]
+    opt = train_module.make_optimizer(model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
+    assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["lr"] == 0.01
+
+
+def test_old_checkpoints_are_deleted_keeping_the_newest(single):
+    out, _ = single  # 12 steps, a checkpoint every 3, keep_ckpts 2
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000009", "ckpt_0000012"]
+    assert (out / "latest").read_text() == "ckpt_0000012"
+
+
+def test_grad_clip_bounds_the_update(dataset, tmp_path, single):
+    """AdamW with the gradient clipped to a norm of 1e-12: its steps shrink to lr * g / eps, nothing,
+    and the loss stays where it started, while the unclipped run's falls by a fifth."""
+    _, reference = single
+    clipped = train(dataset, tmp_path, max_steps=12, optimizer="adamw", grad_clip=1e-12, ckpt_interval=12)
+    assert clipped[0] == pytest.approx(reference[0], rel=1e-6)   # the same first step, before any update
+    assert clipped[11] > 0.97 * clipped[0] and reference[11] < 0.8 * reference[0]
+
+
+def tiny_model():
+    from model import MAE, MAEConfig
+    settings = {k: v for k, v in TINY.items() if k in MAEConfig.__dataclass_fields__}
+    with torch.device("meta"):
+        return MAE(MAEConfig(**settings))
+
+
+def test_the_fsdp_recipe_is_in_effect(train_module, monkeypatch):
+    """parallelize() with FSDP2, bf16 and activation checkpointing, on one gloo process: each block
+    computes in bf16 and runs its forward twice a step (again in the backward)."""
+    import torch.distributed as dist
+    for key, value in dict(parallel="fsdp", dtype="bfloat16", activation_checkpointing=True, compile="none").items():
+        monkeypatch.setattr(train_module, key, value)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = train_module.parallelize(tiny_model())
+        model.to_empty(device="cpu")
+        model.init_weights()
+        starts, outputs = [], []  # recomputation may stop early, past the last tensor the backward needs
+        model.blocks[0].register_forward_pre_hook(lambda module, args: starts.append(1))
+        model.blocks[0].register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
+        model(torch.randint(0, 256, (4, 6, 32, 32), dtype=torch.uint8))[0].backward()
+        assert len(starts) == 2 and outputs[0] == torch.bfloat16
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_blocks_are_compiled(train_module, monkeypatch):
+    """compile='blocks': every block is a compiled graph once it has run."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(train_module, "parallel", "none")
+    monkeypatch.setattr(train_module, "compile", "blocks")
+    torch._dynamo.reset()
+    counters.clear()
+    model = train_module.parallelize(tiny_model())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model(torch.randint(0, 256, (4, 6, 32, 32), dtype=torch.uint8))[0].backward()
+    assert counters["stats"]["unique_graphs"] >= 2  # an encoder block and a decoder block (same-shaped ones share one)
+
+
+def test_data_weights_choose_the_datasets(dataset, tmp_path, single):
+    """data_weights '1,0' over two datasets trains on the first alone: the losses of the one-dataset run."""
+    _, reference = single
+    screen = dataset.parent / "screen"
+    other = data.prepare(screen / "images", screen / "metadata.csv", tmp_path / "shifted", crop_size=32, convert="shift", workers=2)
+    mixed = train(dataset, tmp_path / "run", max_steps=12, ckpt_interval=12, data=f"{dataset},{other}", data_weights="1,0")
+    assert mixed == reference
