@@ -1,23 +1,28 @@
 """
 Speed, printed as figures.
 
-    python bench.py                                   # CPU: our step vs Hugging Face ViTMAE, vits16
-    python bench.py --presets vits16,vitl8,vitg8 --parallel fsdp --activation_checkpointing --compile blocks
+    python bench.py                                   # train.py's throughput, vits16 (add --hf: against transformers' ViTMAE)
+    python bench.py gpu                               # the GPU bench, one command: vits16-ca, vitl8, vitg8 on one GPU
+    python bench.py lion                              # Lion's step on vitg8's shards: a loop vs foreach
     python bench.py recall --genes 20000 --dims 1664  # evaluate.py's recall vs efaar-benchmarking's
     python bench.py probe                             # probe.py's block sweep vs a naive one
 
-1. The step of our MAE against `transformers`' ViTMAEForPreTraining (the MAE users reach for
-   today; an optional, benchmark-only dependency) at the same size and standard tokenization, random
-   weights, one process, same batch, measured in this run: their time / our time. Twice: as the
-   paper trains it (parallel blocks, QK-norm, LayerScale, MSE + Fourier loss), and in HF's form
+1. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
+   tokens/s, MFU and peak memory, read from its log. With --hf, first the step of our MAE against
+   `transformers`' ViTMAEForPreTraining (an optional, benchmark-only dependency) at the same size and
+   standard tokenization, random weights, one process, same batch: their time / our time, as the
+   paper trains it (parallel blocks, QK-norm, LayerScale, MSE + Fourier loss) and in HF's form
    (sequential blocks, MSE only), which does the same work as theirs.
-2. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
-   tokens/s, MFU and peak memory, read from its log.
-3. `recall`: known-relationship recall on a whole-genome-sized map (real gene symbols, random
+2. `gpu`: on one CUDA GPU, train.py for CA-MAE-S/16, MAE-L/8 and MAE-G/8, eager and with compiled
+   blocks (crops/s, MFU against the GPU's bf16 peak, peak memory), the SDPA kernel PyTorch picks for
+   each, and `lion` on the GPU.
+3. `lion`: train.py's foreach Lion against the loop over parameters it replaced, on one rank's shards
+   of vitg8's 732 parameters (--world_size), same tensors, taking turns.
+4. `recall`: known-relationship recall on a whole-genome-sized map (real gene symbols, random
    clustered features), all five sources: evaluate.py vs efaar-benchmarking's
    known_relationship_benchmark (benchmark-only: pandas, scikit-learn, scipy, geomloss), same map,
    same run, numbers checked identical.
-4. `probe`: probe.py's block search (one model pass for all blocks, torch L-BFGS per block) vs the
+5. `probe`: probe.py's block search (one model pass for all blocks, torch L-BFGS per block) vs the
    naive one (re-embed the crops up to each block, scikit-learn's LogisticRegression per block and
    penalty), same model (the demo architecture, standard tokens, at --depth), same synthetic screen,
    same run.
@@ -38,7 +43,7 @@ import data
 import evaluate
 import synth
 from data import random_dataset
-from model import MAEConfig, build, save_consolidated
+from model import MAE, MAEConfig, build, save_consolidated
 
 ROOT = Path(__file__).resolve().parent
 PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -111,30 +116,112 @@ def compare_with_hf(preset, batch_size, steps, device, dtype, compile):
         print(f"{name:24} {seconds:8.3f} {batch_size / seconds:8.1f} {reference / seconds:21.2f}x")
 
 
-def train_figures(presets, parallel, steps, batch_size, extra):
-    """Run train.py per preset on random 256x256x6 crops; print its throughput from the log."""
+def train_figures(runs, parallel="none", steps=8):
+    """Run train.py on 256x256x6 random crops for each (preset, batch size, extra settings) of runs, e.g.
+    ("vits16-ca", 64, ["--compile=blocks"]) (-ca: channel-agnostic); print its throughput from its log
+    (the median step after the first three, which compile and warm up)."""
+    batch = max(b for _, b, _ in runs)
     with tempfile.TemporaryDirectory() as tmp:
-        crops = random_dataset(Path(tmp) / "random", crops=max(2048, 2 * batch_size))
+        crops = random_dataset(Path(tmp) / "random", crops=max(512, 2 * batch))
         peak = device_peak_flops()
-        print(f"\ntrain.py, {parallel}, {steps} steps, batch {batch_size}, {torch.cuda.get_device_name() if peak else 'cpu'}"
+        print(f"\ntrain.py, {parallel}, {steps} steps, {torch.cuda.get_device_name() if peak else 'cpu'}"
               f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16)")
-        print(f"{'preset':8} {'steps/s':>8} {'crops/s':>8} {'tokens/s':>10} {'MFU':>6} {'memory GiB':>11}")
-        for preset in presets:
-            out = Path(tmp) / preset
-            args = [f"--preset={preset}", "--channel_agnostic=False", f"--data={crops}", f"--out_dir={out}",
-                    f"--max_steps={steps}", f"--batch_size={batch_size}", f"--global_batch={batch_size}",
-                    f"--parallel={parallel}", "--log_interval=1", "--log_file=log.jsonl", f"--ckpt_interval={10 ** 9}",
-                    f"--peak_flops={peak or 1.0}"] + extra
+        print(f"{'preset':10} {'settings':32} {'batch':>5} {'steps/s':>8} {'crops/s':>8} {'tokens/s':>10} {'MFU':>6} {'memory GiB':>11}")
+        for label, batch_size, extra in runs:
+            out = Path(tmp) / f"run{len(list(Path(tmp).iterdir()))}"
+            args = [f"--preset={label.removesuffix('-ca')}", f"--channel_agnostic={label.endswith('-ca')}", f"--data={crops}",
+                    f"--out_dir={out}", f"--max_steps={steps}", f"--batch_size={batch_size}", f"--global_batch={batch_size}",
+                    f"--parallel={parallel}", "--log_interval=1", f"--ckpt_interval={10 ** 9}", f"--peak_flops={peak or 1.0}"] + extra
             launcher = [sys.executable] if parallel == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
             run = subprocess.run(launcher + [str(ROOT / "train.py")] + args, capture_output=True, text=True)
+            shown = " ".join(extra) or "eager"
             if run.returncode != 0:
-                print(f"{preset:8} failed: {run.stderr.strip().splitlines()[-1]}")
+                print(f"{label:10} {shown:32} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
                 continue
-            log = [json.loads(line) for line in open(out / "log.jsonl")][2:]  # the first steps compile and warm up
+            log = [json.loads(line) for line in open(out / "log.jsonl")][3:]
             dt = sorted(r["dt"] for r in log)[len(log) // 2]
             r = log[-1]
             mfu = f"{r['mfu'] * 100:5.1f}%" if peak else "    -"
-            print(f"{preset:8} {1 / dt:8.2f} {batch_size / dt:8.1f} {r['tokens_per_s'] * r['dt'] / dt:10.0f} {mfu:>6} {r['memory_gib']:11.1f}")
+            print(f"{label:10} {shown:32} {batch_size:5d} {1 / dt:8.2f} {batch_size / dt:8.1f} {r['tokens_per_s'] * r['dt'] / dt:10.0f} "
+                  f"{mfu:>6} {r['memory_gib']:11.1f}")
+
+
+def sdpa_backend_that_runs(config, batch_size, dtype=torch.bfloat16):
+    """Which kernel PyTorch picks for this model's attention (its encoder's shapes on this GPU), read off
+    the profiler's operator names."""
+    tokens = (config.img_size // config.patch_size) ** 2 * (6 if config.channel_agnostic else 1)
+    visible = tokens - round(config.mask_ratio * tokens) + 1
+    q = torch.randn(batch_size, config.heads, visible, config.dim // config.heads, device="cuda", dtype=dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    names = " ".join(e.name for e in profile.events())
+    return next((b for op, b in (("flash", "flash"), ("efficient", "efficient"), ("cudnn", "cudnn"), ("math", "math"))
+                 if f"_scaled_dot_product_{op}" in names or (op == "math" and "attention_math" in names)), "unknown")
+
+
+def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
+    """Lion's step on one rank's shards of a preset's parameters (each split over world_size along its
+    first axis, as FSDP shards them), held as DTensors as under FSDP: a loop of DTensor operations, as
+    train.py had it, against the two paths of train.py's Lion on the local shards (a loop, its CPU
+    path; one foreach call per operation, its GPU path); same tensors, taking turns. (One process: a
+    one-rank mesh, whose DTensors dispatch like any.)"""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    sys.argv = [sys.argv[0]]  # train.py reads its settings at import: none here
+    from train import Lion
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device, (1,))
+    with torch.device("meta"):
+        shapes = [p.shape for p in MAE(MAEConfig.from_preset(preset)).parameters()]
+    shard = lambda s: (max(1, -(-s[0] // world_size)), *s[1:]) if len(s) else s
+    as_dtensor = lambda t: distribute_tensor(t, mesh, [Shard(0)])
+    params = [torch.nn.Parameter(as_dtensor(torch.randn(shard(s), device=device))) for s in shapes]
+    for p in params:
+        p.grad = as_dtensor(torch.randn(p.shape, device=device))
+    momenta = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def loop_step(local=False, lr=1e-4, beta1=0.9, beta2=0.95, weight_decay=0.05):
+        for p, m in zip(params, momenta):
+            p, grad, m = (p._local_tensor, p.grad._local_tensor, m._local_tensor) if local else (p, p.grad, m)
+            p.mul_(1 - lr * weight_decay)
+            p.add_(torch.sign(m.lerp(grad, 1 - beta1)), alpha=-lr)
+            m.lerp_(grad, 1 - beta2)
+
+    foreach = Lion(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    contenders = (("loop over DTensors", loop_step), ("loop on local shards", lambda: loop_step(local=True)),
+                  ("foreach on local shards", foreach.step))
+    times = {name: [] for name, _ in contenders}
+    for _ in range(steps + 1):
+        for name, step in contenders:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    median = {name: sorted(t[1:])[len(t[1:]) // 2] for name, t in times.items()}
+    numel = sum(p.numel() for p in params)
+    print(f"\nLion step on {preset}'s {len(params)} parameters sharded over {world_size} ({numel / 1e6:.0f}M per rank), "
+          f"{device}, median of {steps}: " + ", ".join(f"{name} {t * 1000:.1f} ms" for name, t in median.items()))
+
+
+def gpu_figures():
+    """The GPU bench in one command (minutes on one H100/H200): train.py's throughput, MFU and peak
+    memory for CA-MAE-S/16, MAE-L/8 and MAE-G/8 on one GPU, eager and with compiled blocks; the SDPA
+    kernel that runs for each; Lion's step on MAE-G/8's shards of 8 GPUs."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    plan = [("vits16-ca", 64), ("vitl8", 64), ("vitg8", 32)]
+    for label, batch in plan:
+        config = MAEConfig.from_preset(label.removesuffix("-ca"), channel_agnostic=label.endswith("-ca"))
+        print(f"{label}: SDPA kernel at batch {batch}: {sdpa_backend_that_runs(config, batch)}")
+    train_figures([(label, batch, extra) for label, batch in plan for extra in ([], ["--compile=blocks"])], steps=10)
+    lion_figures("vitg8", world_size=8, device="cuda")
 
 
 def efaar_reference():
@@ -228,28 +315,28 @@ def probe_figures(depth, seed=0):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    parser.add_argument("suite", nargs="?", default="train", choices=["train", "recall", "probe"], help="which figures")
+    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe"], help="which figures")
     parser.add_argument("--depth", type=int, default=12, help="probe: blocks of the model")
     parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
     parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
-    parser.add_argument("--presets", default="vits16", help="train: comma-separated model.PRESETS keys")
-    parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"], help="train: train.py's parallel")
+    parser.add_argument("--presets", default="vits16", help="train: comma-separated model.PRESETS keys (-ca: channel-agnostic)")
+    parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp", "hsdp"], help="train: train.py's parallel")
     parser.add_argument("--batch_size", type=int, default=8, help="train: crops per step")
     parser.add_argument("--steps", type=int, default=5, help="train: timed steps (the median is printed)")
     parser.add_argument("--compile", default="none", choices=["none", "blocks", "model"], help="train: train.py's compile")
     parser.add_argument("--activation_checkpointing", action="store_true", help="train: recompute each block in the backward pass")
-    parser.add_argument("--skip_hf", action="store_true", help="only the train.py figures")
-    parser.add_argument("--skip_train", action="store_true", help="only the comparison with transformers")
+    parser.add_argument("--world_size", type=int, default=8, help="lion: ranks the parameters are sharded over")
+    parser.add_argument("--hf", action="store_true", help="train: also compare with transformers' ViTMAE (pip install transformers)")
     args = parser.parse_args()
-    if args.suite in ("recall", "probe"):
-        recall_figures(args.genes, args.dims) if args.suite == "recall" else probe_figures(args.depth)
+    if args.suite != "train":
+        {"gpu": gpu_figures, "lion": lambda: lion_figures("vitg8", args.world_size),
+         "recall": lambda: recall_figures(args.genes, args.dims), "probe": lambda: probe_figures(args.depth)}[args.suite]()
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
-    if not args.skip_hf:
+    if args.hf:
         for preset in args.presets.split(","):
             compare_with_hf(preset, args.batch_size, args.steps, device, dtype, args.compile != "none")
     extra = [f"--compile={args.compile}", f"--activation_checkpointing={args.activation_checkpointing}"]
-    if not args.skip_train:
-        train_figures(args.presets.split(","), args.parallel, args.steps + 3, args.batch_size, extra)
+    train_figures([(preset, args.batch_size, extra) for preset in args.presets.split(",")], args.parallel, args.steps + 3)

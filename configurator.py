@@ -68,7 +68,10 @@ def configure(defaults, argv, usage="", sources=()):
             except OSError as e:
                 raise SystemExit(f"{arg}: cannot read config file ({e.strerror})")
             namespace = {}
-            exec(compile(source, arg, "exec"), namespace)
+            try:
+                exec(compile(source, arg, "exec"), namespace)
+            except SyntaxError as e:
+                raise SystemExit(f"{arg}, line {e.lineno}: {e.msg}") from None
             for key, value in namespace.items():
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
                     changed[key] = check(key, value, defaults, arg)

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 
 import numpy as np
 import tifffile
@@ -304,7 +304,34 @@ class CropDataset:
         self.index_path = Path(index) if index else self.root / "index.csv"
         located = read_index(self.index_path, ["shard", "offset"])
         self.shard, self.offset = located["shard"], located["offset"]
-        self.shards = {}
+        for k, last in self.last_offsets().items():
+            self.check_shard(k, last)
+        self.shards = {}  # memory-mapped on first use
+
+    def last_offsets(self):
+        """{shard: the largest offset the index reads in it}."""
+        shards, inverse = np.unique(self.shard, return_inverse=True)
+        last = np.full(len(shards), -1)
+        np.maximum.at(last, inverse, self.offset)
+        return dict(zip(shards.tolist(), last.tolist()))
+
+    def check_shard(self, k, last):
+        """Shard k against the index, from its header and size alone, so that a missing, truncated or
+        foreign shard is one line naming it at start-up, not a crash (or a hang) in the middle of a run."""
+        path = self.shard_root / f"shard_{k:05d}.npy"
+        c, s = self.channels, self.meta["crop_size"]
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                data_start = f.tell()
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        if dtype != np.uint8 or tuple(shape[1:]) != (c, s, s) or shape[0] <= last:
+            raise SystemExit(f"{path}: holds {dtype} {list(shape)}; {self.index_path} reads crop {last} of uint8 [n, {c}, {s}, {s}]")
+        if path.stat().st_size < data_start + int(np.prod(shape)):
+            raise SystemExit(f"{path}: truncated ({path.stat().st_size} bytes, its header promises {data_start + int(np.prod(shape))})")
 
     def __len__(self):
         return len(self.shard)
@@ -319,9 +346,13 @@ class CropDataset:
         out = np.empty((len(ids), c, s, s), np.uint8)
         for j, i in enumerate(ids):
             k = self.shard[i]
-            if k not in self.shards:
-                self.shards[k] = np.load(self.shard_root / f"shard_{k:05d}.npy", mmap_mode="r")
-            out[j] = self.shards[k][self.offset[i]]
+            path = self.shard_root / f"shard_{k:05d}.npy"
+            try:
+                if k not in self.shards:
+                    self.shards[k] = np.load(path, mmap_mode="r")
+                out[j] = self.shards[k][self.offset[i]]
+            except (OSError, ValueError) as e:  # deleted or cut short since start-up, or the disk failed
+                raise SystemExit(f"{path}: read failed ({type(e).__name__}: {e})") from None
         return out
 
 
@@ -367,8 +398,9 @@ class Loader:
         self.chooser = np.random.default_rng([seed, 1])
         self.steps_done = np.bincount(self.choose(start_step), minlength=len(datasets))  # the replay (see above)
         self.orders = {}
-        self.queue = Queue(maxsize=prefetch)
-        threading.Thread(target=self.produce, args=(start_step,), daemon=True).start()
+        self.queue, self.stopping = Queue(maxsize=prefetch), threading.Event()
+        self.thread = threading.Thread(target=self.produce, args=(start_step,), daemon=True)
+        self.thread.start()
 
     def choose(self, n):
         return self.chooser.choice(len(self.datasets), size=n, p=self.weights)
@@ -395,16 +427,39 @@ class Loader:
             yield x.pin_memory() if self.device.type == "cuda" else x
 
     def produce(self, step):
-        while True:
-            for x in self.step_batches(step):
-                self.queue.put(x)
-            step += 1
+        """The background thread: batches into the queue until close(); an error goes into the queue
+        too, for __next__ to raise in the training loop (a thread that died silently would leave it
+        waiting forever)."""
+        try:
+            while not self.stopping.is_set():
+                for x in self.step_batches(step):
+                    self.put(x)
+                step += 1
+        except BaseException as e:  # SystemExit included: a thread cannot exit the process
+            self.put(e)
+
+    def put(self, item):
+        while not self.stopping.is_set():
+            try:
+                return self.queue.put(item, timeout=0.1)
+            except Full:
+                pass
+
+    def close(self):
+        """Stop the background thread and wait for it: a process that exits while it is inside torch
+        can abort ('terminate called without an active exception')."""
+        self.stopping.set()
+        self.thread.join()
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return self.queue.get().to(self.device, non_blocking=True)
+        x = self.queue.get()
+        if isinstance(x, BaseException):
+            self.queue.put(x)  # every later call raises it again
+            raise x
+        return x.to(self.device, non_blocking=True)
 
 
 def bench(data, batch_size=256, steps=50, augment=True):

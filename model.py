@@ -159,10 +159,11 @@ class SequentialBlock(nn.Module):
         self.fc2 = nn.Linear(mlp_dim, dim)
         self.ls2 = layerscale(dim, layerscale_init)
 
-    def forward(self, x):  # [B, T, D]
-        x = x + drop_path(self.ls1(self.attn(self.qkv(self.norm1(x)))), self.drop_path, self.training)
-        x = x + drop_path(self.ls2(self.fc2(F.gelu(self.fc1(self.norm2(x))))), self.drop_path, self.training)
-        return x
+    def forward(self, x):  # [B, T, D], the residual stream in fp32 (see ParallelBlock.forward)
+        h = self.ls1(self.attn(self.qkv(self.norm1(x.to(self.norm1.weight.dtype)))))
+        x = x + drop_path(h, self.drop_path, self.training).to(x.dtype)
+        h = self.ls2(self.fc2(F.gelu(self.fc1(self.norm2(x.to(self.norm2.weight.dtype))))))
+        return x + drop_path(h, self.drop_path, self.training).to(x.dtype)
 
 
 class ParallelBlock(nn.Module):
@@ -183,11 +184,13 @@ class ParallelBlock(nn.Module):
         self.ls = layerscale(dim, layerscale_init)
 
     def forward(self, x):  # [B, T, D]
-        hidden, qkv = self.in_proj(self.norm(x)).split([self.mlp_dim, 3 * x.shape[-1]], dim=-1)
+        # The branch computes in the weights' dtype (bf16 under FSDP's mixed precision), the residual
+        # sum in x's (fp32): in bf16, x + LayerScale(1e-4) * y would round most of the update away.
+        hidden, qkv = self.in_proj(self.norm(x.to(self.norm.weight.dtype))).split([self.mlp_dim, 3 * x.shape[-1]], dim=-1)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        y = self.attn(qkv) + self.mlp_out(F.gelu(hidden + self.mlp_bias))
-        return x + drop_path(self.ls(y), self.drop_path, self.training)
+        y = self.attn(qkv) + self.mlp_out(F.gelu(hidden + self.mlp_bias.to(hidden.dtype)))  # bf16 under autocast too
+        return x + drop_path(self.ls(y), self.drop_path, self.training).to(x.dtype)
 
 
 class MAE(nn.Module):
@@ -275,9 +278,9 @@ class MAE(nn.Module):
             t = rearrange(t, "(b c) d h w -> b c (h w) d", b=B) + self.positions(grid)  # same positions per channel
             if self.channel_embed is not None:
                 t = t + self.channel_embed[self.channel_ids(x, channels)][:, None, :]
-            return t.flatten(1, 2)                                                 # [B, C*N, D]
+            return t.flatten(1, 2).float()                             # [B, C*N, D], the residual stream in fp32
         t = self.patch_embed(x.to(self.patch_embed.weight.dtype))
-        return rearrange(t, "b d h w -> b (h w) d") + self.positions(grid)          # [B, N, D]
+        return (rearrange(t, "b d h w -> b (h w) d") + self.positions(grid)).float()  # [B, N, D]
 
     def positions(self, grid):
         """Position codes of a grid x grid patch layout [grid^2, D]: the model's own, or for crops of
@@ -335,7 +338,8 @@ class MAE(nn.Module):
 
     def forward_encoder(self, x, channels=None):
         tokens, mask, ids_restore = self.random_masking(self.tokenize(x, channels))
-        return self.norm(self.run_blocks(self.blocks, self.with_cls(tokens))), mask, ids_restore
+        h = self.run_blocks(self.blocks, self.with_cls(tokens))
+        return self.norm(h.to(self.norm.weight.dtype)), mask, ids_restore
 
     def forward_decoder(self, h, ids_restore, x, channels=None):
         """Encoded visible tokens [B, 1+T_keep, D] -> predicted patches [B, T, p*p*c]."""
@@ -351,7 +355,7 @@ class MAE(nn.Module):
         else:
             tokens = tokens + self.dec_pos_embed
         h = self.run_blocks(self.dec_blocks, torch.cat([h[:, :1], tokens], dim=1))
-        return self.dec_pred(self.dec_norm(h[:, 1:]))  # the class token predicts nothing
+        return self.dec_pred(self.dec_norm(h[:, 1:].to(self.dec_norm.weight.dtype)))  # the class token predicts nothing
 
     def loss(self, target, pred, mask):
         """(1 - a) * MSE + a * Fourier loss, each averaged over masked patches only.
@@ -463,6 +467,32 @@ class MAE(nn.Module):
             + 2 * linear_weights([self.dec_pred]) * T + 4 * len(self.dec_blocks) * c.dec_dim * Td ** 2
         return 2 * patch + 3 * (enc + dec)
 
+    def memory_per_device(self, batch_size, world_size=1, activation_checkpointing=False, optimizer_states=1, chans=None):
+        """An estimate of one device's training memory in bytes under FSDP over world_size devices, bf16
+        compute: fp32 weights, gradients and optimizer states (Lion keeps 1 per weight, AdamW 2) sharded;
+        two blocks gathered in bf16 (the one computing and the one prefetched); and the activations the
+        backward keeps per token and block, as counted by saved-tensor hooks (tests/test_model.py): the
+        fp32 residual input and, in bf16, the norms, the fused projection, q/k norms, attention and MLP
+        outputs: 20 D + 6 MLP bytes for a parallel block, 20 D + 4 MLP for a sequential one (8 D more with
+        its two LayerScales), 4 D more with QK-norm. With activation checkpointing only each block's input is kept, plus one block's
+        worth during its recomputation. The standardized input and the loss' tensors add ~22 bytes per
+        pixel and channel (measured the same way). Kernels' workspaces and the allocator's slack are not
+        counted: keep ~20% free."""
+        c = self.config
+        T = self.tokens_per_crop(chans)
+        stacks = [(self.blocks, T - round(c.mask_ratio * T) + 1)] + ([(self.dec_blocks, T + 1)] if c.dec_depth else [])
+        width = lambda b: b.norm.normalized_shape[0] if isinstance(b, ParallelBlock) else b.norm1.normalized_shape[0]
+        qk_norm = lambda b: 4 * width(b) * isinstance(b.attn.q_norm, nn.LayerNorm)
+        sequential = lambda b: 4 * b.fc1.out_features + 8 * width(b) * isinstance(b.ls1, LayerScale)
+        kept = lambda b: 20 * width(b) + qk_norm(b) + (6 * b.mlp_dim if isinstance(b, ParallelBlock) else sequential(b))
+        full = [kept(b) * tokens * batch_size for blocks, tokens in stacks for b in blocks]
+        inputs = sum(4 * width(b) * tokens * batch_size for blocks, tokens in stacks for b in blocks)
+        loss = 22 * (chans or c.in_chans) * c.img_size ** 2 * batch_size
+        block_params = max(sum(p.numel() for p in b.parameters()) for blocks, _ in stacks for b in blocks)
+        n = self.num_params(encoder_only=False)
+        return dict(weights=4 * n / world_size, gradients=4 * n / world_size, optimizer=4 * optimizer_states * n / world_size,
+                    gathered=2 * 2 * block_params, activations=loss + (inputs + max(full) if activation_checkpointing else sum(full)))
+
     def param_groups(self, weight_decay):
         """Weight decay on matrices only: not on norms, biases, LayerScale, tokens or channel tables."""
         no_decay = {"cls_token", "mask_token", "channel_embed", "dec_channel_embed"}
@@ -518,7 +548,27 @@ def build(config: MAEConfig, device="cpu", verbose=True):
 
 
 if __name__ == "__main__":
-    # python model.py: every preset's size and cost, built on the meta device (no memory used)
+    import argparse
+    parser = argparse.ArgumentParser(description="Every preset's size and cost, or one preset's training memory per device "
+                                     "(python model.py --memory vitg8 --batch_size 32 --world_size 8). Built on the meta device: instant.")
+    parser.add_argument("--memory", metavar="PRESET", choices=sorted(PRESETS), help="print this preset's memory per device")
+    parser.add_argument("--batch_size", type=int, default=32, help="crops per device per micro-step")
+    parser.add_argument("--world_size", type=int, default=8, help="devices the FSDP shards are spread over")
+    parser.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
+    parser.add_argument("--optimizer", choices=["lion", "adamw"], default="lion", help="lion keeps 1 state per weight, adamw 2")
+    parser.add_argument("--channel_agnostic", action="store_true", help="CA tokenization of 6 channels (--memory)")
+    args = parser.parse_args()
+    if args.memory:
+        with torch.device("meta"):
+            m = MAE(MAEConfig.from_preset(args.memory, channel_agnostic=args.channel_agnostic))
+        parts = m.memory_per_device(args.batch_size, args.world_size, args.activation_checkpointing,
+                                    1 if args.optimizer == "lion" else 2)
+        print(f"{args.memory}: {args.batch_size} crops per device, FSDP over {args.world_size}, {args.optimizer}, "
+              f"activation checkpointing {'on' if args.activation_checkpointing else 'off'} (an estimate: see memory_per_device)")
+        for name, value in parts.items():
+            print(f"  {name:12} {value / 2 ** 30:7.1f} GiB")
+        print(f"  {'total':12} {sum(parts.values()) / 2 ** 30:7.1f} GiB per device")
+        raise SystemExit
     print(f"{'preset':8} {'tokens':>7} {'encoder':>9} {'total':>9} {'train GFLOP/crop':>17} {'embed GFLOP/crop':>17}")
     for name in PRESETS:
         for ca in (False, True):

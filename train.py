@@ -24,15 +24,18 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from einops import rearrange
+from tqdm import tqdm
 
 from configurator import configure
 from data import CropDataset, Loader, write_atomic
@@ -57,18 +60,20 @@ global_batch = 8            # crops per optimizer step over all devices; gradien
 grad_clip = 1.0             # max global grad norm; 0 disables
 max_bad_steps = 10          # consecutive steps with a non-finite loss or gradient before the run stops
 # parallelism and speed
-parallel = "none"           # "none", "ddp" or "fsdp" (FSDP2: fully_shard per block, then the root)
+parallel = "none"           # "none", "ddp", "fsdp" (FSDP2: fully_shard per block, then the root) or "hsdp"
+dp_replicate = 0            # hsdp: replica groups (shard within a group, replicate across); 0 = one per node
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~25% more compute
-compile = "none"            # "none", "blocks" (each block, torchtitan-style) or "model"
+compile = "none"            # "none", "blocks" (each block, torchtitan-style, fullgraph) or "model"
+compile_backend = "inductor"  # torch.compile's backend; "aot_eager" traces without generating kernels
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" or "cpu"; torchrun ranks take cuda:LOCAL_RANK
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype: autocast, or FSDP mixed precision
-sdpa_backend = ""           # "" lets PyTorch choose; or "flash", "efficient", "cudnn", "math"
+sdpa_backend = ""           # "" lets PyTorch choose; or "flash", "efficient", "cudnn", "math" (CPU: flash, math)
 # checkpoints and logs
-out_dir = "out/demo/train"  # checkpoints, model.pt, logs and pictures
+out_dir = "out/train"       # checkpoints, model.pt, logs and pictures
 ckpt_interval = 100         # steps between checkpoints (and one at the end)
-keep_ckpts = 2              # older checkpoints are deleted
+keep_ckpts = 2              # the newest this many checkpoints are kept, older ones deleted (1 or more)
 log_interval = 10           # steps between log lines
-log_file = ""               # a JSON line per logged step, if set
+log_file = "log.jsonl"      # in out_dir: a JSON line per logged step ("" = none)
 snapshot_interval = 0       # steps between reconstruction pictures (input | masked | prediction), 0 = none
 seed = 1337                 # initialization, data order, masks and stochastic depth
 peak_flops = 989e12         # per device, for MFU: H100 SXM bf16 dense (H100 PCIe 756e12, H200 989e12, A100 312e12)
@@ -81,23 +86,61 @@ settings.update({k: v for k, v in changed.items() if k not in model_fields})
 model_config = MAEConfig.from_preset(preset, **{k: v for k, v in changed.items() if k in model_fields})
 
 
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def check_settings():
+    """Settings that cannot train, refused in one line before anything is built."""
+    problems = [f"{key} must be 1 or more, got {value}" for key, value in
+                dict(batch_size=batch_size, global_batch=global_batch, ckpt_interval=ckpt_interval,
+                     keep_ckpts=keep_ckpts, log_interval=log_interval, max_bad_steps=max_bad_steps).items() if value < 1]
+    if max_steps < 0:
+        problems.append(f"max_steps must be 0 or more, got {max_steps}")
+    if model_config.dim % model_config.heads or model_config.dec_dim % model_config.dec_heads:
+        problems.append(f"heads must divide the width: dim {model_config.dim} / heads {model_config.heads}, "
+                        f"dec_dim {model_config.dec_dim} / dec_heads {model_config.dec_heads}")
+    if sdpa_backend and sdpa_backend not in SDPA_BACKENDS:
+        problems.append(f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)} (or empty), got {sdpa_backend!r}")
+    elif sdpa_backend in ("efficient", "cudnn") and not device.startswith("cuda"):
+        problems.append(f"sdpa_backend {sdpa_backend!r} has no kernel on {device}: use flash or math there")
+    if parallel not in ("none", "ddp", "fsdp", "hsdp"):
+        problems.append(f"parallel must be none, ddp, fsdp or hsdp, got {parallel!r}")
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023): the update is the sign of an interpolation of the momentum and the
-    gradient, so every weight moves by exactly lr; decoupled weight decay as in AdamW."""
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+    gradient, so every weight moves by exactly lr; decoupled weight decay as in AdamW. It works on
+    FSDP's local shards: a loop of DTensor operations over vitg8's 732 parameters spent more time in
+    dispatch than in arithmetic. On a GPU one foreach call per operation covers all of them; on a CPU a
+    loop is faster (python bench.py lion), which is also how torch.optim chooses (foreach=None)."""
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, foreach=None):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        self.foreach = foreach  # not a group setting: checkpoints keep the optimizer state they always had
 
     @torch.no_grad()
     def step(self, closure=None):
+        local = lambda tensors: [getattr(t, "_local_tensor", t) for t in tensors]  # a DTensor's shard, in place
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(torch.sign(momentum.lerp(p.grad, 1 - beta1)), alpha=-group["lr"])
-                momentum.lerp_(p.grad, 1 - beta2)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            momenta = local([self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params])
+            weights, grads = local(params), local([p.grad for p in params])
+            lr, (beta1, beta2), decay = group["lr"], group["betas"], 1 - group["lr"] * group["weight_decay"]
+            if self.foreach or (self.foreach is None and weights[0].is_cuda):
+                torch._foreach_mul_(weights, decay)
+                update = torch._foreach_lerp(momenta, grads, 1 - beta1)
+                torch._foreach_sign_(update)
+                torch._foreach_add_(weights, update, alpha=-lr)
+                torch._foreach_lerp_(momenta, grads, 1 - beta2)
+                continue
+            for w, g, m in zip(weights, grads, momenta):
+                w.mul_(decay)
+                w.add_(torch.sign(m.lerp(g, 1 - beta1)), alpha=-lr)
+                m.lerp_(g, 1 - beta2)
 
 
 def lr_at(step):
@@ -129,48 +172,122 @@ def open_datasets():
     return datasets
 
 
-def parallelize(model):
+def device_mesh(world_size):
+    """None for FSDP (one flat group); for HSDP a 2-D mesh: dp_replicate groups (default: one per node)
+    that each shard the model over their ranks and replicate it across groups, so the all-gathers and
+    reduce-scatters stay inside a node and only an all-reduce of the shards crosses the network."""
+    if parallel != "hsdp":
+        return None
+    replicas = dp_replicate or world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % replicas:
+        raise SystemExit(f"dp_replicate {replicas} does not divide the {world_size} ranks")
+    return init_device_mesh(device.split(":")[0], (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def block_precision():
+    """FSDP's mixed precision for a block: weights gathered in `dtype`, gradients reduced in fp32, and
+    the block's input left as it comes (fp32), so the residual stream stays fp32 as under autocast;
+    each block casts its branches' input to its weights' dtype itself."""
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def parallelize(model, world_size=1):
     """Activation checkpointing -> compile -> shard, in torchtitan's order; the model is still on meta."""
     model.activation_checkpointing = activation_checkpointing
     blocks = list(model.blocks) + list(model.dec_blocks)
     if compile == "blocks":
         for block in blocks:
-            block.compile()  # in place: parameter names stay clean
-    if parallel == "fsdp":
-        mixed = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+            block.compile(fullgraph=True, backend=compile_backend)  # in place: parameter names stay clean
+    if parallel in ("fsdp", "hsdp"):
+        mesh = device_mesh(world_size)
         for block in blocks:
-            fully_shard(block, mp_policy=mixed)
-        fully_shard(model, mp_policy=mixed)
+            fully_shard(block, mesh=mesh, mp_policy=block_precision())
+        fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32))
     if compile == "model":
-        model.compile()
+        model.compile(backend=compile_backend)
     return model
 
 
 # ---- checkpoints: torch.distributed.checkpoint directories, any world size on reload --------------
 
-def latest_checkpoint():
-    pointer = Path(out_dir) / "latest"
-    return Path(out_dir) / pointer.read_text().strip() if pointer.exists() else None
+RUN_SETTINGS = {"max_steps", "log_interval", "ckpt_interval", "keep_ckpts", "snapshot_interval", "log_file", "out_dir",
+                "device", "compile", "activation_checkpointing", "parallel", "sdpa_backend", "peak_flops",
+                "batch_size", "max_bad_steps", "dp_replicate", "compile_backend"}  # how a run goes, not what it trains: free to change on resume
 
 
-def save_checkpoint(model, opt, step, rank, world_size):
+def checkpoint_problem(path):
+    """Why the checkpoint folder `path` cannot be resumed from, or None when it is complete: train.json
+    names its step, torch.distributed.checkpoint's .metadata reads, and every file it indexes is there
+    and long enough. A folder half-written or half-deleted by a killed run fails one of these."""
+    try:
+        info = json.loads((path / "train.json").read_text())
+        if info["step"] != int(path.name.split("_")[1]):
+            return f"train.json says step {info['step']}"
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # a damaged file fails in many ways; any of them means not resumable
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    ends = {}
+    for stored in metadata.storage_data.values():
+        ends[stored.relative_path] = max(ends.get(stored.relative_path, 0), stored.offset + stored.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).exists() else None
+        if size is None or size < end:
+            return f"{name} {'is missing' if size is None else f'holds {size} of {end} bytes'}"
+    return None
+
+
+def resume_point(rank):
+    """The newest complete checkpoint in out_dir (None for a new run); newer damaged ones are named and
+    passed over. Resuming trusts what is on disk: `latest` is written for people and tools."""
+    for path in sorted(Path(out_dir).glob("ckpt_???????"), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if rank == 0:
+            print(f"warning: {path} cannot be resumed from ({problem}); falling back to an earlier checkpoint")
+    return None
+
+
+def resume_changes(path, datasets):
+    """Refuse a checkpoint of another model, optimizer or channel count in one line; return the other
+    settings that differ ({name: [checkpoint's, this run's]}), which the run warns about and records."""
+    info = json.loads((path / "train.json").read_text())
+    ours = json.loads(json.dumps(dict(model=asdict(model_config), settings=settings)))  # tuples as JSON has them
+    refused = [f"{k}: checkpoint {v!r}, this run {ours['model'].get(k)!r}" for k, v in info["model_config"].items()
+               if ours["model"].get(k) != v]
+    if info["settings"].get("optimizer") != optimizer:
+        refused.append(f"optimizer: checkpoint {info['settings'].get('optimizer')!r}, this run {optimizer!r}")
+    channels = [d.channels for d in datasets]
+    if info.get("data_channels", channels) != channels:
+        refused.append(f"data channels: checkpoint {info['data_channels']}, this run {channels}")
+    if refused:
+        raise SystemExit(f"{path}: a checkpoint of another run, cannot resume: {'; '.join(refused)} (use a new out_dir)")
+    return {k: [info["settings"][k], v] for k, v in ours["settings"].items()
+            if k in info["settings"] and info["settings"][k] != v and k not in RUN_SETTINGS}
+
+
+def save_checkpoint(model, opt, step, rank, world_size, info):
     """out_dir/ckpt_STEP/: sharded model + optimizer (each rank writes its part) and train.json (step,
-    configs). Written as ckpt_STEP.tmp/ and renamed when complete; then `latest` points to it."""
+    configs, `info`). Written as ckpt_STEP.tmp/ and renamed when complete; then `latest` names it and
+    checkpoints beyond the newest keep_ckpts are deleted. Killed at any moment, the run resumes from
+    the newest complete folder (resume_point)."""
     name = f"ckpt_{step:07d}"
-    tmp = Path(out_dir) / f"{name}.tmp"
+    final, tmp = Path(out_dir) / name, Path(out_dir) / f"{name}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     model_state, optim_state = get_state_dict(model, opt)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     if rank == 0:
-        info = dict(step=step, model_config=asdict(model_config), settings=settings, world_size=world_size)
-        (tmp / "train.json").write_text(json.dumps(info, indent=1))
-        os.replace(tmp, Path(out_dir) / name)
+        info = dict(step=step, model_config=asdict(model_config), settings=settings, world_size=world_size, **info)
+        write_atomic(tmp / "train.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+        shutil.rmtree(final, ignore_errors=True)  # this step, written before a crash that came before `latest`
+        os.replace(tmp, final)
         write_atomic(Path(out_dir) / "latest", lambda f: f.write(name.encode()))
         for old in sorted(Path(out_dir).glob("ckpt_???????"))[:-keep_ckpts]:
             shutil.rmtree(old)
     barrier()
+    return final
 
 
 def load_checkpoint(model, opt, path):
@@ -180,6 +297,15 @@ def load_checkpoint(model, opt, path):
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return json.loads((path / "train.json").read_text())["step"]
+
+
+def all_finite(model):
+    """Are all weights finite, on every rank (one collective)?"""
+    local = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in model.parameters()]).all()
+    flag = local.to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def export(model, step, rank):
@@ -196,6 +322,28 @@ def barrier():
         dist.barrier()
 
 
+def set_threads(local_world_size):
+    """CPU threads of this process: OMP_NUM_THREADS when set (torchrun sets 1 for several workers), else
+    the cores this process may use, split among this node's processes so they do not oversubscribe
+    them. On a machine others are busy on, fewer threads than cores is faster: set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
+
+
+def trim_log(path, start):
+    """A resumed run rewrites its JSONL log without the steps it will redo: one line per step."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < start:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            pass  # a line cut short by the kill
+    write_atomic(path, lambda f: f.write("".join(kept).encode()))
+
+
 def write_png(path, image):
     """A grayscale uint8 [H, W] as PNG, with zlib alone (no imaging library needed)."""
     def chunk(kind, payload):
@@ -204,6 +352,24 @@ def write_png(path, image):
     header = image.shape[1].to_bytes(4, "big") + image.shape[0].to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
     write_atomic(path, lambda f: f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                                          + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")))
+
+
+def write_loss_curve(path, log_path, width=480, height=200, margin=8):
+    """out_dir/loss.png from the JSONL log: the loss (log scale, black) against the step, on white; the
+    y range is the loss's own, printed in the log line that announces the picture."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    if len(records) < 2:
+        return None
+    steps = np.array([r["step"] for r in records], float)
+    loss = np.log(np.clip([r["loss"] for r in records], 1e-12, None))
+    image = np.full((height, width), 255, np.uint8)
+    x = margin + (steps - steps.min()) / max(np.ptp(steps), 1) * (width - 2 * margin)
+    y = height - margin - (loss - loss.min()) / max(np.ptp(loss), 1e-12) * (height - 2 * margin)
+    for (x0, y0), (x1, y1) in zip(zip(x, y), zip(x[1:], y[1:])):  # segments, drawn point by point
+        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
+        image[np.linspace(y0, y1, n).round().astype(int), np.linspace(x0, x1, n).round().astype(int)] = 0
+    write_png(path, image)
+    return float(np.exp(loss.min())), float(np.exp(loss.max()))
 
 
 @torch.no_grad()
@@ -230,15 +396,15 @@ def snapshot(model, x, step, write, crops=4):
 
 
 def main():
-    if max_steps < 0:
-        raise SystemExit(f"max_steps must be 0 or more, got {max_steps}")
+    check_settings()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed and parallel == "none":
         raise SystemExit("started by torchrun with several processes: set --parallel=ddp or --parallel=fsdp")
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         print("warning: restarted workers may hang; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-    if parallel == "fsdp" and compile == "model":
+    if parallel in ("fsdp", "hsdp") and compile == "model":
         raise SystemExit("compile='model' breaks the graph on FSDP's hooks: use compile='blocks' with FSDP")
+    set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     global device
     if distributed:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -252,9 +418,11 @@ def main():
     Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     datasets = open_datasets()
+    resume_from = resume_point(rank)
+    changes = resume_changes(resume_from, datasets) if resume_from else {}
     with torch.device("meta"):  # build on meta, parallelize, then materialize: no throwaway full-size init
         model = MAE(model_config)
-    model = parallelize(model)
+    model = parallelize(model, world_size)
     model.to_empty(device=device)
     model.init_weights(seed)  # identical weights whatever the sharding: each parameter has its own generator
     if rank == 0:
@@ -262,77 +430,102 @@ def main():
               f"{parallel} on {world_size} x {device} | micro-batch {batch_size} x {accum_steps} accumulation")
     step_model = DistributedDataParallel(model) if parallel == "ddp" else model
     opt = make_optimizer(model)
-    start, resume_from = 0, latest_checkpoint()
+    start = 0
     if resume_from:
         start = load_checkpoint(model, opt, resume_from)
+        if start > max_steps:
+            raise SystemExit(f"{resume_from}: the run is at step {start}, past max_steps={max_steps} "
+                             f"(raise max_steps to continue it, or use a new out_dir)")
         if rank == 0:
             print(f"resumed from {resume_from} at step {start}")
+            for key, (before, now) in changes.items():
+                print(f"warning: {key} was {before!r} in {resume_from}, is {now!r} now (recorded in train.json)")
+    history = json.loads((resume_from / "train.json").read_text()).get("history", []) if resume_from else []
+    history += [dict(step=start, changed=changes)] if changes else []
     weights = [float(w) for w in data_weights.split(",")] if data_weights else None
     loader = Loader(datasets, batch_size, accum_steps, weights=weights, rank=rank, world_size=world_size,
                     seed=seed, start_step=start, augment=augment, device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
-                              enabled=dtype != "float32" and parallel != "fsdp")  # FSDP casts by its policy
-    attention = sdpa_kernel(getattr(SDPBackend, sdpa_backend.upper())) if sdpa_backend else nullcontext()
+                              enabled=dtype != "float32" and parallel in ("none", "ddp"))  # FSDP casts by its policy
+    attention = lambda: sdpa_kernel(SDPA_BACKENDS[sdpa_backend]) if sdpa_backend else nullcontext()  # one per use
     crop_chans = datasets[0].channels
     flops_per_step = model.flops_per_crop(crop_chans) * global_batch / world_size  # per device
-    log = open(Path(out_dir) / log_file, "a") if log_file and rank == 0 else None
-    bad_steps = 0
+    log_path = Path(out_dir) / log_file if log_file and rank == 0 else None
+    if log_path:
+        trim_log(log_path, start)
+    log = open(log_path, "a") if log_path else None
+    progress = tqdm(total=max_steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True)
+    # a checkpoint is good once a step from its weights had a finite loss and gradient
+    bad_steps, pending, good = 0, resume_from, None
+    info = dict(data_channels=[d.channels for d in datasets], history=history)
     last_log = (start, time.perf_counter())
-    for step in range(start, max_steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss_sum = torch.zeros((), device=device)
-        for m in range(accum_steps):
-            # masks and drop-path draw from (seed, step, slice of the global batch): a resumed run, or
-            # one with another world size, makes the same draws for the same crops
-            torch.manual_seed(seed + 1_000_003 * step + m * world_size + rank)
-            x = next(loader)
-            last = m == accum_steps - 1
-            if parallel == "fsdp":
-                model.set_requires_gradient_sync(last)
-            with autocast, attention, (step_model.no_sync() if parallel == "ddp" and not last else nullcontext()):
-                loss = step_model(x)[0]
-            (loss / accum_steps).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        # one sync per optimizer step: gradients are already reduced, so every rank decides alike
-        grad_norm = grad_norm.item()
-        if not math.isfinite(grad_norm):
-            bad_steps += 1
+    try:
+        for step in range(start, max_steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss_sum = torch.zeros((), device=device)
+            for m in range(accum_steps):
+                # masks and drop-path draw from (seed, step, slice of the global batch): a resumed run, or
+                # one with another world size, makes the same draws for the same crops
+                torch.manual_seed(seed + 1_000_003 * step + m * world_size + rank)
+                x = next(loader)
+                last = m == accum_steps - 1
+                if parallel in ("fsdp", "hsdp"):
+                    model.set_requires_gradient_sync(last)
+                with autocast, attention(), (step_model.no_sync() if parallel == "ddp" and not last else nullcontext()):
+                    loss = step_model(x)[0]
+                (loss / accum_steps).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            # one sync per optimizer step: gradients are already reduced, so every rank decides alike
+            grad_norm = grad_norm.item()
+            if not math.isfinite(grad_norm):
+                bad_steps += 1
+                opt.zero_grad(set_to_none=True)
+                if rank == 0:
+                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                if bad_steps >= max_bad_steps:
+                    last_good = f"the last good checkpoint is {good}" if good else "no checkpoint of this run is good"
+                    raise SystemExit(f"stopping: {bad_steps} steps in a row with a non-finite loss or gradient; {last_good}")
+                continue
+            bad_steps, good, pending = 0, pending or good, None
+            opt.step()
             opt.zero_grad(set_to_none=True)
-            if rank == 0:
-                print(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            if bad_steps >= max_bad_steps:
-                raise SystemExit(f"stopping: {bad_steps} steps in a row with a non-finite loss or gradient; "
-                                 f"the last good checkpoint is {latest_checkpoint()}")
-            continue
-        bad_steps = 0
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        if step % log_interval == 0 or done == max_steps:
-            if distributed:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            loss_value = loss_sum.item() / accum_steps
-            dt = (time.perf_counter() - last_log[1]) / (done - last_log[0])  # seconds per step since the last log
-            memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else 0.0
-            record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm, dt=dt,
-                          crops_per_s=global_batch / dt, tokens_per_s=global_batch * model.tokens_per_crop(crop_chans) / dt,
-                          mfu=flops_per_step / dt / peak_flops, memory_gib=memory)
-            if rank == 0:
-                print(f"step {step:6d} | loss {loss_value:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} | "
-                      f"{dt * 1000:.0f} ms | {record['crops_per_s']:.1f} crops/s | {record['tokens_per_s']:.0f} tokens/s | "
-                      f"MFU {record['mfu'] * 100:.2f}% | {memory:.1f} GiB")
+            done = step + 1
+            progress.update()
+            if step % log_interval == 0 or done == max_steps:
+                if distributed:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                loss_value = loss_sum.item() / accum_steps
+                dt = (time.perf_counter() - last_log[1]) / (done - last_log[0])  # seconds per step since the last log
+                memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else 0.0
+                record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm, dt=dt,
+                              crops_per_s=global_batch / dt, tokens_per_s=global_batch * model.tokens_per_crop(crop_chans) / dt,
+                              mfu=flops_per_step / dt / peak_flops, memory_gib=memory)
+                if rank == 0:
+                    tqdm.write(f"step {step:6d} | loss {loss_value:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} | "
+                               f"{dt * 1000:.0f} ms | {record['crops_per_s']:.1f} crops/s | {record['tokens_per_s']:.0f} tokens/s | "
+                               f"MFU {record['mfu'] * 100:.2f}% | {memory:.1f} GiB")
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                last_log = (done, time.perf_counter())
+            if snapshot_interval and done % snapshot_interval == 0:
+                snapshot(model, x, done, write=rank == 0)  # every rank computes: FSDP gathers weights collectively
                 if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-            last_log = (done, time.perf_counter())
-        if snapshot_interval and done % snapshot_interval == 0:
-            snapshot(model, x, done, write=rank == 0)  # every rank computes: FSDP gathers weights collectively
-        if done % ckpt_interval == 0 or done == max_steps:
-            save_checkpoint(model, opt, done, rank, world_size)
+                    write_loss_curve(Path(out_dir) / "loss.png", log_path)
+            if done % ckpt_interval == 0 or done == max_steps:
+                if all_finite(model):
+                    pending = save_checkpoint(model, opt, done, rank, world_size, info)
+                elif rank == 0:
+                    tqdm.write(f"step {done}: non-finite weights, no checkpoint written")
+    finally:  # also on an error: the bar ends its line, the loader's thread stops before the process does
+        progress.close()
+        loader.close()
+    if log and (span := write_loss_curve(Path(out_dir) / "loss.png", log_path)):
+        print(f"{Path(out_dir) / 'loss.png'}: the loss from {span[1]:.3g} to {span[0]:.3g} (log scale)")
     export(model, max_steps, rank)
     if distributed:
         dist.destroy_process_group()

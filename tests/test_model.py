@@ -330,6 +330,28 @@ def test_initialization_is_a_function_of_the_seed_alone():
     assert not torch.equal(first["blocks.0.in_proj.weight"][:64], first["blocks.1.in_proj.weight"][:64])
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_memory_estimate_counts_what_the_backward_keeps(parallel):
+    """memory_per_device's activations against the bytes autograd actually saves under bf16 autocast,
+    counted by saved-tensor hooks, per crop (the difference of two batch sizes: weights cancel), on a
+    model whose blocks dominate, as vitg8's do."""
+    model = tiny(img_size=64, in_chans=6, dim=256, depth=8, mlp_dim=1024, dec_dim=128, dec_depth=2, dec_mlp_dim=512,
+                 parallel_blocks=parallel)
+
+    def saved_bytes(batch):
+        storages = {}
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            model(crops(b=batch, c=6, size=64))
+        return sum(storages.values())
+
+    measured = (saved_bytes(16) - saved_bytes(8)) / 8
+    estimate = model.memory_per_device(batch_size=1)["activations"]
+    assert 0.9 < measured / estimate < 1.1, (measured, estimate)
+
+
 def test_no_weight_decay_on_norms_biases_tokens_and_layerscale():
     model = tiny(channel_agnostic=True, channel_embed=True)
     decay, no_decay = model.param_groups(0.05)
