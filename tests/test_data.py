@@ -84,6 +84,21 @@ def test_percentile_conversion_is_per_image_per_channel(tmp_path):
     assert converted[0].min() == 0 and converted[0].max() == 255 and (converted[1] == 0).all()
 
 
+def test_float_images_are_converted_by_percentile(tmp_path):
+    """Float pixels (a screen exported as float32 TIFFs): --convert auto stretches each channel between
+    its percentiles, as for 16-bit images."""
+    images, metadata, pixels = write_screen(tmp_path, "channels-first", np.uint16)
+    for path in images.rglob("*.tif"):
+        tifffile.imwrite(path, tifffile.imread(path).astype(np.float32) / 65535, photometric="minisblack")
+    crops, rows = read_back(prepare(images, metadata, tmp_path / "out", crop_size=32, workers=1))
+    for crop, row in zip(crops, rows):
+        image = pixels[row["plate"], row["well"], int(row["site"])].astype(np.float32) / 65535
+        expected = data.to_uint8(image, "percentile", (0.1, 99.9))
+        y, x = int(row["tile_y"]) * 32, int(row["tile_x"]) * 32
+        np.testing.assert_array_equal(crop, expected[:, y:y + 32, x:x + 32])
+    assert crops.max() == 255 and crops.min() == 0
+
+
 def bad_inputs(images):
     """Each bad input, made by breaking one file of a good screen: (file, how to break it, the error)."""
     victim = images / "P2" / "B01_s2.tif"  # not the first image, which sets the screen's shape
@@ -209,6 +224,13 @@ def test_mixed_channel_counts_give_homogeneous_batches_by_weight(prepared):
     channels = [next(loader).shape[1] for _ in range(400)]
     assert set(channels) == {3, 6}
     assert 0.68 < channels.count(3) / 400 < 0.82  # weight 3:1 -> 75%
+
+
+def test_a_dataset_must_fill_one_global_batch_exactly_or_more(prepared):
+    dataset = CropDataset(prepared[0])  # 100 crops
+    assert next(Loader([dataset], batch_size=50, world_size=2, augment=False)).shape[0] == 50
+    with pytest.raises(SystemExit, match="100 crops cannot fill a global batch of 102"):
+        Loader([dataset], batch_size=51, world_size=2)
 
 
 def test_the_loader_augments_each_crop_by_its_own_symmetry(prepared):

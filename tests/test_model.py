@@ -31,6 +31,12 @@ def test_preset_encoder_parameter_counts(name, low, high):
     assert model.num_params(encoder_only=False) > model.num_params()  # the decoder counts only in the total
 
 
+def test_encoder_parameters_are_what_trimming_keeps():
+    model = tiny()
+    encoder = model.num_params()
+    assert model.trim(len(model.blocks)).num_params(encoder_only=False) == encoder
+
+
 def test_vitg8_is_the_papers_shape():
     c = MAEConfig.from_preset("vitg8")
     assert (c.dim, c.depth, c.heads, c.mlp_dim, c.patch_size) == (1664, 48, 16, 8192, 8)
@@ -38,15 +44,16 @@ def test_vitg8_is_the_papers_shape():
 
 
 def test_flops_formula_matches_torch_flop_counter():
-    for ca in (False, True):
+    for ca, chans in ((False, 3), (True, 5)):  # a CA model built for 3 channels, given 5
         model = tiny(channel_agnostic=ca, depth=3)
-        x = crops()
+        x = crops(c=chans)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(x)[0].backward()  # math SDPA decomposes into matmuls the counter sees
-        assert counter.get_total_flops() == model.flops_per_crop(3) * x.shape[0]
+        assert counter.get_total_flops() == model.flops_per_crop(chans) * x.shape[0]
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model.embed(x)
-        assert counter.get_total_flops() == model.flops_per_crop(3, train=False) * x.shape[0]
+        assert counter.get_total_flops() == model.flops_per_crop(chans, train=False) * x.shape[0]
+        assert model.tokens_per_crop(chans) == (chans if ca else 1) * 16
 
 
 # ---- masking ----------------------------------------------------------------------------------
@@ -360,3 +367,4 @@ def test_no_weight_decay_on_norms_biases_tokens_and_layerscale():
     assert "patch_embed.weight" in decayed and "blocks.0.in_proj.weight" in decayed
     assert not any(n.endswith((".bias", "gamma", "token", "channel_embed")) or "norm" in n for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
