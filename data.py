@@ -12,12 +12,15 @@ metadata column); `meta.json`, written last (channel names, crop size, counts, c
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from queue import Full, Queue
@@ -34,8 +37,12 @@ def write_atomic(path, write):
     """Call write(file) on a temporary name beside path, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException:  # a full disk, a kill: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -69,6 +76,32 @@ class BadImage(Exception):
     """An input image that cannot become crops; the message names the file and the problem."""
 
 
+# ---- the screen's files and rows ------------------------------------------------------------------
+
+def read_metadata(path):
+    """A metadata CSV as row dicts: UTF-8 with or without a byte-order mark (as spreadsheets save it),
+    else Latin-1; a file with no row is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such metadata file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    if not rows:
+        raise SystemExit(f"{path}: no rows (empty, or a header alone)")
+    return rows
+
+
+def key_value(field, value):
+    """A field's value as files and rows must agree on it: sites and plates by number when numeric
+    ('01' and '1' are the same site), anything else as written."""
+    value = value.strip()
+    return str(int(value)) if field in ("site", "plate") and value.isdigit() else value
+
+
 def pattern_regex(pattern):
     """'{plate}/{well}_s{site}_w{channel}.tif' -> a regex with one named group per field."""
     parts = re.split(r"\{(\w+)\}", pattern)
@@ -76,43 +109,126 @@ def pattern_regex(pattern):
     return re.compile(regex + "$")
 
 
-def find_sites(images, metadata, pattern, channels):
-    """Match every TIFF under `images` to its metadata row. Returns [(row, [file per channel])] in the
-    metadata's order. Per-channel layouts ({channel} in the pattern) list one file per channel value."""
+# File layouts recognized without --pattern, RxRx's and this project's; the first that every file fits.
+LAYOUTS = ("{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png", "{plate}/{well}_s{site}_w{channel}.{ext}",
+           "{plate}/{well}_s{site}.{ext}", "{plate}_{well}_s{site}_w{channel}.{ext}", "{plate}_{well}_s{site}.{ext}")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jp2", ".jpg", ".jpeg")
+
+
+def image_files(images):
+    files = [p.relative_to(images).as_posix() for p in sorted(Path(images).rglob("*"))
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        raise SystemExit(f"{images}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def guess_pattern(files, columns):
+    """The first of LAYOUTS that all files fit, with its fields among the metadata's columns; else
+    one line naming a file and the --pattern it would need."""
+    for layout in LAYOUTS:
+        regex = pattern_regex(layout)
+        fields = set(regex.groupindex) - {"channel", "ext"}
+        if fields <= set(columns) and all(regex.match(f) for f in files):
+            ext = regex.match(files[0]).groupdict().get("ext")
+            return layout.replace("{ext}", ext) if ext else layout
+    example = files[0]
+    guess = re.sub(r"([_-](?:w|ch))\d+", r"\1{channel}", re.sub(r"([_-]s(?:ite)?)\d+", r"\1{site}", example))
+    guess = re.sub(r"(^|/|[_-])[A-Pa-p]\d{1,2}(?=\D)", r"\1{well}", guess)
+    guess = re.sub(r"^[^/]+/", "{plate}/", guess) if "/" in guess else guess
+    raise SystemExit(f"{example}: not a layout this knows; pass --pattern with the metadata's columns as fields, "
+                     f"e.g. --pattern '{guess}'")
+
+
+def find_sites(images, rows, pattern, channels, on_error):
+    """Match every image file under `images` to its metadata row, by the pattern's fields (every field
+    but {channel} names a metadata column). Returns [(row, [file per channel])] in the metadata's order,
+    and [(file, problem)] of the files no row names (an error unless on_error is 'skip')."""
     regex = pattern_regex(pattern)
+    fields = [f for f in regex.groupindex if f != "channel"]
+    missing = [f for f in fields if f not in rows[0]]
+    if missing:
+        raise SystemExit(f"metadata: no column {', '.join(missing)}, which the pattern {pattern} names")
     per_channel = "channel" in regex.groupindex
-    rows = {}
-    for n, row in enumerate(metadata, start=2):  # line numbers as a spreadsheet shows them
-        key = (row["plate"], row["well"], str(int(row["site"])))
-        if key in rows:
-            raise SystemExit(f"metadata line {n}: plate {key[0]} well {key[1]} site {key[2]} appears twice")
-        rows[key] = {}
-    for path in sorted(Path(images).rglob("*")):
-        m = regex.search(path.relative_to(images).as_posix())
-        if not m or not path.is_file():
+    files_of = {}
+    for n, row in enumerate(rows, start=2):  # line numbers as a spreadsheet shows them
+        key = tuple(key_value(f, row[f]) for f in fields)
+        if "" in key:
+            raise SystemExit(f"metadata line {n}: empty {fields[key.index('')]}")
+        if key in files_of:
+            raise SystemExit(f"metadata line {n}: {' '.join(f'{f} {v}' for f, v in zip(fields, key))} appears twice")
+        files_of[key] = {}
+    strays = []
+    for name in image_files(images):
+        m = regex.match(name)
+        if not m:
             continue
-        key = (m["plate"], m["well"], str(int(m["site"])))
-        if key not in rows:
-            raise SystemExit(f"{path}: no metadata row for plate {key[0]} well {key[1]} site {key[2]}")
-        rows[key][m["channel"] if per_channel else None] = path
+        key = tuple(key_value(f, m[f]) for f in fields)
+        if key not in files_of:
+            strays.append((str(Path(images) / name), f"no metadata row for {' '.join(f'{f} {v}' for f, v in zip(fields, key))}"))
+            if on_error == "raise":
+                raise SystemExit(f"{strays[0][0]}: {strays[0][1]}")
+            continue
+        files_of[key][m["channel"] if per_channel else None] = str(Path(images) / name)
     sites = []
-    for row, (key, files) in zip(metadata, rows.items()):
+    for row, (key, files) in zip(rows, files_of.items()):
         wanted = channels if per_channel else [None]
-        missing = [c for c in wanted if c not in files]
-        if missing:
-            what = f"channel {', '.join(missing)}" if per_channel else "image"
-            raise SystemExit(f"{images}: no {what} file for plate {key[0]} well {key[1]} site {key[2]} "
-                             f"(pattern {pattern})")
-        sites.append((row, [str(files[c]) for c in wanted]))
-    return sites
+        absent = [c for c in wanted if c not in files]
+        if absent:
+            what = f"channel {', '.join(absent)}" if per_channel else "image"
+            raise SystemExit(f"{images}: no {what} file for {' '.join(f'{f} {v}' for f, v in zip(fields, key))} (pattern {pattern})")
+        sites.append((row, [files[c] for c in wanted]))
+    return sites, strays
+
+
+def load_data_sites(load_data, rows, channels):
+    """A CellProfiler LoadData CSV (JUMP-CP): one row per site with Metadata_Plate, Metadata_Well,
+    Metadata_Site and, per channel NAME, FileName_OrigNAME and PathName_OrigNAME (absolute, or relative
+    to the CSV). Returns [(metadata row, [file per channel])] and the channel names: `channels` (a
+    subset, in order) or every Orig channel of the CSV. The metadata rows join on plate, well, site."""
+    table = read_metadata(load_data)
+    names = [c[len("FileName_Orig"):] for c in table[0] if c.startswith("FileName_Orig")]
+    missing = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c not in table[0]]
+    if missing or not names:
+        raise SystemExit(f"{load_data}: not a LoadData CSV (missing {', '.join(missing) or 'FileName_Orig<channel> columns'})")
+    unknown = [c for c in channels or [] if c not in names]
+    if unknown:
+        raise SystemExit(f"{load_data}: no channel {', '.join(unknown)} (it has {', '.join(names)})")
+    names = list(channels or names)
+    label_of = {tuple(key_value(f, r[f]) for f in ("plate", "well", "site")): r for r in rows}
+    sites = []
+    for n, site in enumerate(table, start=2):
+        key = tuple(key_value(f, site[f"Metadata_{f.capitalize()}"]) for f in ("plate", "well", "site"))
+        if key not in label_of:
+            raise SystemExit(f"{load_data} line {n}: no metadata row for plate {key[0]} well {key[1]} site {key[2]}")
+        folder = lambda c: Path(site[f"PathName_Orig{c}"]) if Path(site[f"PathName_Orig{c}"]).is_absolute() \
+            else Path(load_data).parent / site[f"PathName_Orig{c}"]
+        sites.append((label_of[key], [str(folder(c) / site[f"FileName_Orig{c}"]) for c in names]))
+    return sites, names
+
+
+# ---- one site's pixels ------------------------------------------------------------------------------
+
+def read_image(path):
+    """One image file's pixels, by its suffix: TIFF with tifffile (compressed TIFF, PNG, JPEG 2000 and
+    JPEG need imagecodecs, the codecs tifffile's author maintains)."""
+    try:
+        if Path(path).suffix.lower() in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        import imagecodecs
+        return imagecodecs.imread(path)
+    except ImportError:
+        raise SystemExit(f"{path}: reading {Path(path).suffix} files needs imagecodecs: pip install imagecodecs") from None
+    except Exception as e:  # codecs raise many kinds for truncated or foreign files
+        if "imagecodecs" in str(e):
+            raise SystemExit(f"{path}: this TIFF's compression needs imagecodecs: pip install imagecodecs") from None
+        kind = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jp2": "JPEG 2000"}.get(Path(path).suffix.lower(), "JPEG")
+        raise BadImage(f"unreadable {kind} ({type(e).__name__}: {e})") from None
 
 
 def read_site(files, n_channels, channel_axis):
     """The site's image as [C, H, W] in its own dtype."""
-    try:
-        arrays = [tifffile.imread(f) for f in files]
-    except Exception as e:  # tifffile raises many kinds for truncated or foreign files
-        raise BadImage(f"unreadable TIFF ({type(e).__name__}: {e})")
+    arrays = [read_image(f) for f in files]
     if len(files) > 1:  # one file per channel
         if any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise BadImage(f"per-channel files must be 2-D and equal in size, got {[a.shape for a in arrays]}")
@@ -130,6 +246,20 @@ def read_site(files, n_channels, channel_axis):
     if n_channels and image.shape[0] != n_channels:
         raise BadImage(f"expected {n_channels} channels, got an image of shape {image.shape}")
     return image
+
+
+def screen_shape(sites, n_channels, channel_axis, sample=64):
+    """The screen's image shape [C, H, W]: the most common among up to `sample` sites spread over it
+    (never whichever file came first, which may be the bad one)."""
+    shapes = Counter()
+    for _, files in sites[::max(1, len(sites) // sample)]:
+        try:
+            shapes[read_site(files, n_channels, channel_axis).shape] += 1
+        except BadImage:
+            pass
+    if not shapes:
+        raise SystemExit(f"{sites[0][1][0]}: no image of the {min(len(sites), sample)} sampled could be read")
+    return shapes.most_common(1)[0][0]
 
 
 def to_uint8(image, rule, percentiles):
@@ -171,7 +301,7 @@ def tile(image, crop):
 def prepare_shard(job):
     """Worker: convert and tile one shard's sites, write shard_XXXXX.npy, then its manifest (the mark
     that the shard is complete). Returns the shard's manifest."""
-    out, shard, sites, opts = job
+    out, shard, sites, opts, on_error = job
     crops, kept, skipped = [], [], []
     for site_id, files in sites:
         try:
@@ -181,7 +311,7 @@ def prepare_shard(job):
                 raise BadImage(f"size {image.shape[1]}x{image.shape[2]} differs from the screen's "
                                f"{opts['image_shape'][0]}x{opts['image_shape'][1]}")
         except BadImage as e:
-            if opts["on_error"] == "raise":
+            if on_error == "raise":
                 raise BadImage(f"{files[0]}: {e}") from None
             skipped.append([files[0], str(e)])
             continue
@@ -194,81 +324,117 @@ def prepare_shard(job):
     return manifest
 
 
-def prepare(images, metadata, out, pattern="{plate}/{well}_s{site}.tif", channels=None, channel_axis="auto",
+def channel_values(images, pattern):
+    """The {channel} values the files carry, in order (by number when they are numbers)."""
+    regex = pattern_regex(pattern)
+    values = {m["channel"] for m in map(regex.match, image_files(images)) if m}
+    return sorted(values, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+
+
+def warn_about_labels(metadata, rows):
+    """What the later steps will miss, said before any work: a warning, with counts."""
+    if "perturbation" not in rows[0]:
+        print(f"warning: {metadata}: no perturbation column: curate.py, probe.py and evaluate.py need one (the gene, "
+              f"siRNA or compound of each site; controls by name, --control)", file=sys.stderr)
+        return
+    unlabeled = sum(not r["perturbation"].strip() for r in rows)
+    if unlabeled:
+        print(f"warning: {metadata}: {unlabeled} of {len(rows)} rows have no perturbation; "
+              f"their wells are left out of the benchmarks", file=sys.stderr)
+
+
+def prepare(images, metadata, out, pattern=None, channels=None, channel_names=None, load_data=None, channel_axis="auto",
             crop_size=256, shard_size=1024, convert="auto", percentiles=(0.1, 99.9), workers=None, on_error="raise"):
-    """Folder of TIFFs + metadata CSV -> shards, index.csv, meta.json. Resumable: run it again with the
-    same arguments and it finishes the shards that are missing; finished shards are kept."""
-    images, out = Path(images), Path(out)
-    rows = read_csv(metadata)
-    missing = {"plate", "well", "site"} - set(rows[0] if rows else {})
+    """Images + metadata CSV -> shards, index.csv, meta.json. The images: a folder and a --pattern
+    (or a layout recognized without one), or a LoadData CSV (load_data, in place of both). Resumable:
+    run it again and it finishes the shards that are missing, and redoes those with skipped files (a
+    file fixed since is taken); finished shards are kept. on_error may change between runs."""
+    low, high = percentiles
+    if not 0 <= low < high <= 100:
+        raise SystemExit(f"--percentiles {low},{high}: need 0 <= low < high <= 100")
+    if crop_size < 1 or shard_size < 1:
+        raise SystemExit(f"--crop_size {crop_size}, --shard_size {shard_size}: each must be 1 or more")
+    out = Path(out)
+    rows = read_metadata(metadata)
+    missing = {"plate", "well", "site"} - set(rows[0])
     if missing:
         raise SystemExit(f"{metadata}: missing column(s) {', '.join(sorted(missing))}")
-    per_channel = "{channel}" in pattern
-    if per_channel and not channels:
-        raise SystemExit("a per-channel pattern needs --channels: the {channel} values, in order")
-    sites = find_sites(images, rows, pattern, channels)
+    warn_about_labels(metadata, rows)
+    if load_data:
+        sites, names = load_data_sites(load_data, rows, channels)
+        images, strays, layout, n_expected = Path(load_data).parent, [], f"LoadData {load_data}", len(names)
+    else:
+        images = Path(images)
+        layout = pattern or guess_pattern(image_files(images), rows[0])
+        if "{channel}" in layout and not channels:
+            channels = channel_values(images, layout)
+        sites, strays = find_sites(images, rows, layout, channels, on_error)
+        names, n_expected = channels, len(channels) if channels else None
     if not sites:
-        raise SystemExit(f"{images}: no file matches the pattern {pattern}")
-    for _, files in sites:  # the first good image sets the channel count and size all others must have
-        try:
-            first = read_site(files, len(channels) if channels else None, channel_axis)
-            tiles_per_site = len(tile(first, crop_size))
-            break
-        except BadImage as e:
-            if on_error == "raise":
-                raise SystemExit(f"{files[0]}: {e}")
-    else:
-        raise SystemExit(f"{images}: no image could be read")
-    n_channels = first.shape[0]
-    names = list(channels) if channels else [f"ch{i + 1}" for i in range(n_channels)]
+        raise SystemExit(f"{images}: no file matches the layout {layout}")
+    n_channels, *image_shape = screen_shape(sites, n_expected, channel_axis)
+    if image_shape[0] % crop_size or image_shape[1] % crop_size:
+        raise SystemExit(f"{images}: the screen's {image_shape[0]}x{image_shape[1]} images do not tile into {crop_size}x{crop_size} crops")
+    names = list(channel_names or names or [f"ch{i + 1}" for i in range(n_channels)])
+    if len(names) != n_channels:
+        raise SystemExit(f"--channel_names: {len(names)} names for the screen's {n_channels} channels")
+    tiles_per_site = (image_shape[0] // crop_size) * (image_shape[1] // crop_size)
     sites_per_shard = max(1, shard_size // tiles_per_site)  # shards hold whole images
-    opts = dict(n_channels=n_channels, channel_axis=channel_axis, image_shape=list(first.shape[1:]),
-                crop_size=crop_size, convert=convert, percentiles=list(percentiles), on_error=on_error)
-    jobs = [(str(out), k, [(i, files) for i, (_, files) in enumerate(sites[s:s + sites_per_shard], start=s)], opts)
+    opts = dict(n_channels=n_channels, channel_axis=channel_axis, image_shape=image_shape,
+                crop_size=crop_size, convert=convert, percentiles=list(percentiles))
+    jobs = [(str(out), k, [(i, files) for i, (_, files) in enumerate(sites[s:s + sites_per_shard], start=s)], opts, on_error)
             for k, s in enumerate(range(0, len(sites), sites_per_shard))]
-    plan = dict(version=FORMAT_VERSION, images=str(images), metadata=str(metadata), pattern=pattern, opts=opts,
+    plan = dict(version=FORMAT_VERSION, images=str(images), metadata=str(metadata), layout=layout, opts=opts,
                 sites_per_shard=sites_per_shard, shards=[[files for _, files in job[2]] for job in jobs])
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "plan.json").exists():
-        if json.loads((out / "plan.json").read_text()) != plan:
-            raise SystemExit(f"{out}: holds a prepare run with other inputs or settings; use a new --out")
-    else:
-        write_json(out / "plan.json", plan)
-    manifests = {}
-    for job in jobs:  # resume: a shard whose manifest exists is complete
-        path = out / f"shard_{job[1]:05d}.json"
-        if path.exists() and (out / f"shard_{job[1]:05d}.npy").exists():
-            manifests[job[1]] = json.loads(path.read_text())
-    todo = [job for job in jobs if job[1] not in manifests]
-    if len(todo) < len(jobs):
-        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        futures = [pool.submit(prepare_shard, job) for job in todo]
-        try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", unit="shard"):
-                manifest = future.result()
-                manifests[manifest["shard"]] = manifest
-        except BadImage as e:
-            pool.shutdown(cancel_futures=True)  # shards already being written finish, and are kept
-            raise SystemExit(f"{e} (finished shards are kept: fix the file or pass --on-error skip, then rerun)")
-    columns = list(rows[0])
-    index = []
-    for k in sorted(manifests):
-        offset = 0
-        for site_id in manifests[k]["sites"]:
-            row, files = sites[site_id]
-            for t in range(tiles_per_site):
-                ty, tx = divmod(t, first.shape[2] // crop_size)
-                index.append([k, offset, Path(files[0]).relative_to(images).as_posix(), ty, tx] + [row[c] for c in columns])
-                offset += 1
-    skipped = [s for k in sorted(manifests) for s in manifests[k]["skipped"]]
-    write_csv(out / "index.csv", ["shard", "offset", "source", "tile_y", "tile_x"] + columns, index)
-    write_csv(out / "skipped.csv", ["file", "problem"], skipped)
-    write_json(out / "meta.json", dict(
-        version=FORMAT_VERSION, channels=names, crop_size=crop_size, crops=len(index), images=len(sites) - len(skipped),
-        skipped=len(skipped), shards=len(jobs), crops_per_shard=sites_per_shard * tiles_per_site,
-        tiles_per_image=tiles_per_site, convert=convert,
-        percentiles=list(percentiles) if convert in ("auto", "percentile") else None, source=str(images)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.glob("*.tmp"):  # what a killed or failed run was writing
+            leftover.unlink()
+        if (out / "plan.json").exists():
+            if json.loads((out / "plan.json").read_text()) != plan:
+                raise SystemExit(f"{out}: holds a prepare run with other inputs or settings; use a new --out")
+        else:
+            write_json(out / "plan.json", plan)
+        manifests = {}
+        for job in jobs:  # resume: a shard whose manifest exists is complete, unless it skipped a file
+            path = out / f"shard_{job[1]:05d}.json"
+            if path.exists() and (out / f"shard_{job[1]:05d}.npy").exists():
+                manifest = json.loads(path.read_text())
+                if not manifest["skipped"]:
+                    manifests[job[1]] = manifest
+        todo = [job for job in jobs if job[1] not in manifests]
+        if len(todo) < len(jobs):
+            print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
+        with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+            futures = [pool.submit(prepare_shard, job) for job in todo]
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", unit="shard"):
+                    manifest = future.result()
+                    manifests[manifest["shard"]] = manifest
+            except BadImage as e:
+                pool.shutdown(cancel_futures=True)  # shards already being written finish, and are kept
+                raise SystemExit(f"{e} (finished shards are kept: fix the file or pass --on-error skip, then rerun)")
+        columns = list(rows[0])
+        index = []
+        source = lambda f: Path(f).relative_to(images).as_posix() if Path(f).is_relative_to(images) else str(f)
+        for k in sorted(manifests):
+            offset = 0
+            for site_id in manifests[k]["sites"]:
+                row, files = sites[site_id]
+                for t in range(tiles_per_site):
+                    ty, tx = divmod(t, image_shape[1] // crop_size)
+                    index.append([k, offset, source(files[0]), ty, tx] + [row[c] for c in columns])
+                    offset += 1
+        skipped = [s for k in sorted(manifests) for s in manifests[k]["skipped"]] + [list(s) for s in strays]
+        write_csv(out / "index.csv", ["shard", "offset", "source", "tile_y", "tile_x"] + columns, index)
+        write_csv(out / "skipped.csv", ["file", "problem"], skipped)
+        write_json(out / "meta.json", dict(
+            version=FORMAT_VERSION, channels=names, crop_size=crop_size, crops=len(index), images=sum(len(m['sites']) for m in manifests.values()),
+            skipped=len(skipped), shards=len(jobs), crops_per_shard=sites_per_shard * tiles_per_site,
+            tiles_per_image=tiles_per_site, convert=convert, layout=layout,
+            percentiles=list(percentiles) if convert in ("auto", "percentile") else None, source=str(images)))
+    except OSError as e:  # a full disk, a read-only folder: nothing half-written is left (write_atomic)
+        raise SystemExit(f"{out}: cannot write ({e.strerror or e}); nothing half-written was left, rerun to finish") from None
     print(f"{out}: {len(index)} crops of {n_channels}x{crop_size}x{crop_size} in {len(jobs)} shards"
           + (f"; skipped {len(skipped)} images, listed in {out / 'skipped.csv'}" if skipped else ""))
     return out
@@ -498,14 +664,17 @@ def random_dataset(out, crops=2048, channels=6, size=256, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="TIFFs + metadata CSV -> shards of uint8 crops", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--images", required=True, help="folder of TIFFs")
-    p.add_argument("--metadata", required=True, help="CSV with plate, well, site and any other columns")
+    p = commands.add_parser("prepare", help="images + metadata CSV -> shards of uint8 crops", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--images", help="folder of the images (TIFF; PNG, JPEG 2000 and compressed TIFF with imagecodecs)")
+    p.add_argument("--load_data", help="a CellProfiler LoadData CSV (JUMP-CP), in place of --images and --pattern")
+    p.add_argument("--metadata", required=True, help="CSV with plate, well, site and any other columns (the labels)")
     p.add_argument("--out", required=True, help="folder of the prepared dataset")
-    p.add_argument("--pattern", default="{plate}/{well}_s{site}.tif",
-                   help="file path under --images with {plate} {well} {site} and, one file per channel, {channel}")
+    p.add_argument("--pattern", help="file path under --images, with {plate} {well} {site} (and any metadata column) and, "
+                   "one file per channel, {channel}; None: recognize RxRx's and this project's layouts")
     p.add_argument("--channels", type=lambda s: s.split(","),
-                   help="comma-separated: channel names (one file per site) or the {channel} values, in order")
+                   help="comma-separated: the {channel} values (or LoadData channels) to take, in order; for one file "
+                   "per site, the channel names. None: every channel found")
+    p.add_argument("--channel_names", type=lambda s: s.split(","), help="comma-separated names stored in meta.json, e.g. DNA,ER,RNA,AGP,Mito")
     p.add_argument("--channel_axis", choices=["auto", "first", "last"], default="auto", help="of a multi-channel TIFF")
     p.add_argument("--crop_size", type=int, default=256, help="crop side in pixels; images are tiled into crops")
     p.add_argument("--shard_size", type=int, default=1024, help="crops per shard (rounded down to whole images)")
@@ -524,6 +693,8 @@ def main(argv=None):
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     if command == "prepare":
+        if not (args["images"] or args["load_data"]):
+            parser.error("prepare needs --images (a folder) or --load_data (a LoadData CSV)")
         prepare(**args)
     elif args["data"]:
         bench(**args)

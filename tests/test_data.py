@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,3 +258,215 @@ def test_augmentation_is_a_symmetry_of_the_square():
     for out in outputs:
         assert sum(np.array_equal(out, ref) for ref in reference) == 1
     assert len({out.tobytes() for out in outputs}) == 8  # all 8 elements, each once
+
+
+# ---- the formats screens ship in (fixtures written by imagecodecs and tifffile from the synthetic screen) ----
+
+imagecodecs = pytest.importorskip("imagecodecs", reason="imagecodecs reads PNG, JPEG 2000 and compressed TIFF (tests/requirements.txt)")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """The tests screen (uint16, 6 channels, 64 px, a TIFF per site) and its crops prepared from those TIFFs."""
+    import synth
+    root = tmp_path_factory.mktemp("formats")
+    screen = synth.synth(root / "screen", size="tests", seed=0)
+    reference = {convert: read_back(prepare(screen / "images", screen / "metadata.csv", root / f"tiff_{convert}",
+                                            crop_size=32, convert=convert, workers=2)) for convert in ("auto", "shift")}
+    return screen, data.read_csv(screen / "metadata.csv"), reference
+
+
+def site_pixels(screen, row):
+    return tifffile.imread(screen / "images" / row["plate"] / f"{row['well']}_s{row['site']}.tif")
+
+
+def assert_same_crops(out, reference):
+    crops, rows = read_back(out)
+    np.testing.assert_array_equal(crops, reference[0])
+    assert [(r["plate"], r["well"], r["tile_y"], r["tile_x"]) for r in rows] == \
+           [(r["plate"], r["well"], r["tile_y"], r["tile_x"]) for r in reference[1]]
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_rxrx1_pngs_one_per_channel_prepare_like_the_tiffs(synthetic, tmp_path, bits):
+    """RxRx1's layout, {experiment}/Plate{plate}/{well}_s{site}_w{channel}.png with plates numbered per
+    experiment, recognized without --pattern; 16-bit PNGs give the TIFFs' crops, 8-bit ones the crops
+    of the TIFFs shifted to 8 bits."""
+    screen, rows, reference = synthetic
+    rxrx = []
+    for row in rows:
+        plate = row["plate"].split("P")[1]  # E1P2 -> experiment E1, plate 2
+        pixels = site_pixels(screen, row)
+        for c in range(6):
+            path = tmp_path / "images" / row["experiment"] / f"Plate{plate}" / f"{row['well']}_s{row['site']}_w{c + 1}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(imagecodecs.png_encode(pixels[c] if bits == 16 else (pixels[c] >> 8).astype(np.uint8)))
+        rxrx.append(dict(row, plate=plate))
+    data.write_csv(tmp_path / "metadata.csv", list(rxrx[0]), [list(r.values()) for r in rxrx])
+    out = prepare(tmp_path / "images", tmp_path / "metadata.csv", tmp_path / "out", crop_size=32, workers=2,
+                  channel_names=["DNA", "RNA", "ER", "AGP", "Golgi", "Mito"])
+    crops, _ = read_back(out)
+    np.testing.assert_array_equal(crops, reference["auto" if bits == 16 else "shift"][0])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["layout"] == "{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png"
+    assert meta["channels"] == ["DNA", "RNA", "ER", "AGP", "Golgi", "Mito"]
+
+
+def test_a_jump_loaddata_csv_with_compressed_tiffs_prepares_like_the_tiffs(synthetic, tmp_path):
+    """JUMP-CP's LoadData CSV: a row per site, FileName_Orig<NAME> / PathName_Orig<NAME> per channel
+    (paths absolute or relative to the CSV), 16-bit TIFFs compressed with deflate, LZW or zstd; the
+    channel names and their order come from the CSV; the labels join from --metadata."""
+    screen, rows, reference = synthetic
+    names = ["DNA", "RNA", "ER", "AGP", "Golgi", "Mito"]
+    compressions = ["deflate", "lzw", "zstd"]
+    table = []
+    for i, row in enumerate(rows):
+        folder = tmp_path / "jump" / "images" / row["plate"]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = site_pixels(screen, row)
+        record = dict(Metadata_Plate=row["plate"], Metadata_Well=row["well"], Metadata_Site=row["site"])
+        for c, name in enumerate(names):
+            file = f"r{row['well']}f{int(row['site']):02d}-ch{c + 1}.tiff"
+            tifffile.imwrite(folder / file, pixels[c], compression=compressions[(i + c) % 3])
+            record[f"FileName_Orig{name}"] = file
+            record[f"PathName_Orig{name}"] = str(folder) if i % 2 else f"images/{row['plate']}"
+        table.append(record)
+    data.write_csv(tmp_path / "jump" / "load_data.csv", list(table[0]), [list(r.values()) for r in table])
+    out = prepare(None, screen / "metadata.csv", tmp_path / "out", load_data=tmp_path / "jump" / "load_data.csv",
+                  crop_size=32, workers=2)
+    assert_same_crops(out, reference["auto"])
+    assert json.loads((out / "meta.json").read_text())["channels"] == names
+    three = prepare(None, screen / "metadata.csv", tmp_path / "three", load_data=tmp_path / "jump" / "load_data.csv",
+                    channels=["Mito", "DNA", "ER"], crop_size=32, workers=2)
+    np.testing.assert_array_equal(read_back(three)[0], reference["auto"][0][:, [5, 0, 2]])
+
+
+def test_per_channel_tiffs_are_recognized_without_a_pattern(synthetic, tmp_path):
+    """B02_s1_w1.tif files in plate folders (once a ValueError): the layout is found, channels in order."""
+    screen, rows, reference = synthetic
+    for row in rows:
+        pixels = site_pixels(screen, row)
+        for c in range(6):
+            path = tmp_path / "images" / row["plate"] / f"{row['well']}_s{row['site']}_w{c + 1}.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, pixels[c])
+    assert_same_crops(prepare(tmp_path / "images", screen / "metadata.csv", tmp_path / "out", crop_size=32, workers=2),
+                      reference["auto"])
+
+
+def test_an_unknown_layout_says_which_pattern_to_pass(tmp_path):
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8)
+    for path in list(images.rglob("*.tif")):
+        path.rename(path.with_name(path.name.replace("_s", "-site")))
+    with pytest.raises(SystemExit, match=r"not a layout this knows; pass --pattern .*e\.g\. --pattern '\{plate\}/\{well\}-site"):
+        prepare(images, metadata, tmp_path / "out", crop_size=32)
+
+
+def test_sites_that_are_not_numbers_are_fine(tmp_path):
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8, n_sites=3)
+    rows = data.read_csv(metadata)
+    for row in rows:
+        old = images / row["plate"] / f"{row['well']}_s{row['site']}.tif"
+        row["site"] = f"x{row['site']}"
+        old.rename(old.with_name(f"{row['well']}_s{row['site']}.tif"))
+    data.write_csv(metadata, list(rows[0]), [list(r.values()) for r in rows])
+    assert json.loads((prepare(images, metadata, tmp_path / "out", crop_size=32) / "meta.json").read_text())["crops"] == 12
+
+
+# ---- faults that once lost a screen with exit code 0 ----------------------------------------------
+
+def test_a_bad_first_image_does_not_become_the_screens_shape(tmp_path):
+    """With --on-error skip, a 5-channel first image used to set the screen's shape, and the other
+    images were all skipped. The shape is the majority's: only the bad one is skipped."""
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8)
+    first = sorted(images.rglob("*.tif"))[0]
+    tifffile.imwrite(first, np.zeros((5, 64, 64), np.uint8), photometric="minisblack")
+    out = prepare(images, metadata, tmp_path / "out", crop_size=32, on_error="skip")
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["skipped"], meta["images"], meta["crops"]) == (1, 5, 20)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(percentiles=(99.9, 0.1)), "--percentiles 99.9,0.1: need 0 <= low < high <= 100"),
+    (dict(percentiles=(0, 200)), "--percentiles 0,200: need 0 <= low < high <= 100"),
+    (dict(crop_size=0), "--crop_size 0, --shard_size 1024: each must be 1 or more"),
+])
+def test_settings_that_would_ruin_every_crop_are_refused(tmp_path, settings, message):
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint16)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        prepare(images, metadata, tmp_path / "out", **{"crop_size": 32, **settings})
+
+
+def test_metadata_csvs_as_spreadsheets_save_them(tmp_path):
+    """A byte-order mark and Latin-1 read as they should; empty, header-only, a missing file and an
+    empty site are one line each."""
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8)
+    text = metadata.read_text()
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("GENE1", "GÈNE1").encode())
+    (tmp_path / "latin1.csv").write_bytes(text.replace("GENE1", "GÈNE1").encode("latin-1"))
+    for name in ("bom", "latin1"):
+        rows = data.read_csv(prepare(images, tmp_path / f"{name}.csv", tmp_path / f"out_{name}", crop_size=32) / "index.csv")
+        assert "GÈNE1" in {r["perturbation"] for r in rows}
+    (tmp_path / "header.csv").write_text(text.splitlines()[0] + "\n")
+    (tmp_path / "empty.csv").write_text("")
+    for name in ("header", "empty"):
+        with pytest.raises(SystemExit, match=f"{name}.csv: no rows"):
+            prepare(images, tmp_path / f"{name}.csv", tmp_path / "x", crop_size=32)
+    with pytest.raises(SystemExit, match="nothing.csv: no such metadata file"):
+        prepare(images, tmp_path / "nothing.csv", tmp_path / "x", crop_size=32)
+    lines = text.splitlines()
+    lines[3] = ",".join(v if i != 2 else "" for i, v in enumerate(lines[3].split(",")))
+    (tmp_path / "no_site.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match="metadata line 4: empty site"):
+        prepare(images, tmp_path / "no_site.csv", tmp_path / "x", crop_size=32)
+
+
+def test_rows_without_labels_are_warned_about_with_counts(tmp_path, capsys):
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8)
+    rows = data.read_csv(metadata)
+    data.write_csv(tmp_path / "bare.csv", ["plate", "well", "site"], [[r["plate"], r["well"], r["site"]] for r in rows])
+    prepare(images, tmp_path / "bare.csv", tmp_path / "bare", crop_size=32)
+    assert "bare.csv: no perturbation column" in capsys.readouterr().err
+    rows[0]["perturbation"] = rows[1]["perturbation"] = ""
+    data.write_csv(tmp_path / "some.csv", list(rows[0]), [list(r.values()) for r in rows])
+    prepare(images, tmp_path / "some.csv", tmp_path / "some", crop_size=32)
+    assert "some.csv: 2 of 6 rows have no perturbation" in capsys.readouterr().err
+
+
+def test_a_file_without_a_row_is_skipped_and_the_error_policy_may_change_between_runs(tmp_path):
+    images, metadata, pixels = write_screen(tmp_path, "channels-first", np.uint8)
+    stray = images / "P1" / "Z99_s1.tif"
+    tifffile.imwrite(stray, pixels["P1", "B00", 1], photometric="minisblack")
+    with pytest.raises(SystemExit, match="no metadata row"):
+        prepare(images, metadata, tmp_path / "out", crop_size=32)
+    out = prepare(images, metadata, tmp_path / "out", crop_size=32, on_error="skip")  # same --out: allowed
+    skipped = data.read_csv(out / "skipped.csv")
+    assert [s["file"] for s in skipped] == [str(stray)] and json.loads((out / "meta.json").read_text())["crops"] == 24
+
+
+def test_a_file_fixed_after_a_skip_is_taken_by_the_rerun(tmp_path):
+    images, metadata, pixels = write_screen(tmp_path, "channels-first", np.uint8)
+    victim = images / "P2" / "B01_s2.tif"
+    victim.write_bytes(victim.read_bytes()[:300])
+    out = prepare(images, metadata, tmp_path / "out", crop_size=32, shard_size=8, on_error="skip")
+    assert json.loads((out / "meta.json").read_text())["skipped"] == 1
+    tifffile.imwrite(victim, pixels["P2", "B01", 2], photometric="minisblack")  # fixed
+    prepare(images, metadata, out, crop_size=32, shard_size=8, on_error="skip")
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["skipped"], meta["crops"]) == (0, 24) and data.read_csv(out / "skipped.csv") == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    """The process may write files of 20 kB at most (RLIMIT_FSIZE, as a full disk would refuse more):
+    one line, exit 1, no *.tmp left; the same command with room finishes the dataset."""
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8, n_sites=6)
+    command = [sys.executable, str(ROOT / "data.py"), "prepare", "--images", str(images), "--metadata", str(metadata),
+               "--out", str(tmp_path / "out"), "--crop_size", "32", "--shard_size", "8", "--workers", "1"]
+    limit = "import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    full = subprocess.run([sys.executable, "-c", limit] + command[1:], capture_output=True, text=True)
+    last = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 1 and last.startswith(f"{tmp_path / 'out'}: cannot write (") and last.endswith("rerun to finish")
+    assert not list((tmp_path / "out").glob("*.tmp")) and not (tmp_path / "out" / "meta.json").exists()
+    subprocess.run(command, check=True, capture_output=True)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["crops"] == 24
