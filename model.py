@@ -513,13 +513,12 @@ def from_pretrained(path, device="cpu"):
     """Load weights into an MAE, the config read from the weights themselves:
     - this project's checkpoints: model.pt (end of training), trimmed.pt (probe.py --trim), or a
       training checkpoint folder (torch.distributed.checkpoint, any number of ranks, consolidated here);
+      any other folder is read through the weights file in it (a hub download's model.safetensors);
     - weights made elsewhere, translated by weights.py: the OpenPhenom release (CA-MAE-S/16,
       model.safetensors or a torch file in maes_microscopy's layout; its encoder, not its decoders), and
       timm VisionTransformer state dicts (DINOv2, ImageNet MAE ViTs, ...; the encoder)."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "train.json").exists():
-            raise SystemExit(f"{path}: not a training checkpoint (no train.json)")
+    if (path / "train.json").is_file():  # a training checkpoint folder
         model = build(MAEConfig(**json.loads((path / "train.json").read_text())["model_config"]), device, verbose=False)
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())

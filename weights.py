@@ -18,23 +18,45 @@ import torch
 
 
 def read_weights(path):
-    """A state dict from .safetensors (the optional `safetensors` package) or a torch file; the
-    OpenPhenom file named model.safetensors may be a torch pickle of {"state_dict": ...}: both work."""
+    """A state dict from a .safetensors file (the optional `safetensors` package) or a torch file, told
+    apart by their first bytes, not their names: OpenPhenom's model.safetensors may be a torch pickle
+    of {"state_dict": ...}. A folder (as a hub download holds one) is read through the weights file in
+    it. Anything else is one line; never the suggestion to unpickle an untrusted file."""
     path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin", "model.pt") if (path / n).is_file()]
+        if not found:
+            raise SystemExit(f"{path}: a folder without model.safetensors, pytorch_model.bin or model.pt")
+        path = found[0]
     if not path.exists():
         raise SystemExit(f"{path}: no such checkpoint")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)  # safetensors: the JSON header's length (8 bytes), then the header
-    is_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
-    if is_safetensors:
+    if size == 0:
+        raise SystemExit(f"{path}: an empty file, not a checkpoint")
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        try:
+            with open(path, "rb") as f:  # a file object: torch.load would go by the .safetensors name
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zips and foreign pickles fail in many ways
+            raise SystemExit(f"{path}: an unreadable torch checkpoint ({type(e).__name__}; truncated, or holding more "
+                             f"than tensors)") from None
+    elif head[8:9] == b"{":
+        if 8 + int.from_bytes(head[:8], "little") > size:
+            raise SystemExit(f"{path}: a truncated safetensors file (its header runs past the end)")
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise SystemExit(f"{path}: a safetensors file; pip install safetensors to read it") from None
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as e:
+            raise SystemExit(f"{path}: an unreadable safetensors file ({type(e).__name__}: {e})".splitlines()[0]) from None
     else:
-        with open(path, "rb") as f:  # a file object: torch.load would go by the .safetensors name
-            state = torch.load(f, map_location="cpu", weights_only=True)
+        raise SystemExit(f"{path}: not a checkpoint (neither a torch file nor safetensors)")
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state["state_dict"] if "state_dict" in state and "config" not in state else state
 
 

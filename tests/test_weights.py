@@ -280,3 +280,39 @@ def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
                    "--align", "centerscale"])
     result = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert result["counts"]["dims"] == 6 * 128 and result["recall"]["CORUM"]["n_pairs"] > 0
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("empty", "an empty file, not a checkpoint"),
+    ("text", "not a checkpoint (neither a torch file nor safetensors)"),
+    ("random", "not a checkpoint (neither a torch file nor safetensors)"),
+    ("safetensors cut in its header", "a truncated safetensors file (its header runs past the end)"),
+    ("torch file cut short", "an unreadable torch checkpoint"),
+    ("a pickle of more than tensors", "an unreadable torch checkpoint"),
+])
+def test_a_bad_checkpoint_file_is_one_line(tmp_path, damage, message):
+    """Never a traceback, and never torch's advice to load with weights_only=False (which would run
+    whatever a foreign pickle holds)."""
+    import pickle
+    path = tmp_path / "model.safetensors"
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": openphenom_state()}, good)
+    contents = {"empty": b"", "text": b"these are not weights\n", "random": bytes(range(256)) * 4,
+                "safetensors cut in its header": (10_000).to_bytes(8, "little") + b'{"a": {"dtype": "F32"',
+                "torch file cut short": good.read_bytes()[:2000],
+                "a pickle of more than tensors": pickle.dumps({"state_dict": {"x": object()}}, protocol=2)}
+    path.write_bytes(contents[damage])
+    with pytest.raises(SystemExit) as error:
+        mae.from_pretrained(path)
+    assert str(error.value).startswith(f"{path}: {message}") and "weights_only" not in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_hub_folder_loads_by_its_path(tmp_path):
+    """A folder as a hub download holds one (config.json beside model.safetensors) loads by the folder's path."""
+    save_file = pytest.importorskip("safetensors.torch", reason="safetensors is optional").save_file
+    s = openphenom_state()
+    save_file(s, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    crops = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(mae.from_pretrained(tmp_path).eval().embed(crops)[0], reference_embedding(s, crops), atol=2e-5, rtol=1e-4)
