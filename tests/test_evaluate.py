@@ -473,6 +473,7 @@ def degenerate_inputs(tmp_path, annotations, kind):
 
 
 @pytest.mark.parametrize("kind,message", [
+    ("null list matches nothing", "--null_perturbations: none of its 2 perturbations (e.g. NOPE1) is in the map"),
     ("nan", "embeddings: 1+ wells with NaN or inf features, the first plate P0 well W5 (row 5)"),
     ("identical", "embeddings: all 92 wells have the same features: nothing to benchmark"),
     ("no pair", "no two of the map's 40 perturbations (e.g. 'ENSG00000000000') are an annotated pair"),
@@ -480,8 +481,10 @@ def degenerate_inputs(tmp_path, annotations, kind):
 def test_a_map_the_benchmarks_cannot_score_is_one_line_and_writes_nothing(tmp_path, annotations, kind, message):
     """Once: IndexError from kthvalue and an all-NaN aligned.npy; recall 0.0 and a CvM of 28,825,642;
     NaN recalls printed as results."""
+    (tmp_path / "null.txt").write_text("NOPE1\nNOPE2\n")  # once: every p-value NaN, and 0.0 reported as consistent
+    extra = ["--null_perturbations", str(tmp_path / "null.txt")] if kind == "null list matches nothing" else []
     with pytest.raises(SystemExit) as error:
-        evaluate.main(degenerate_inputs(tmp_path, annotations, kind))
+        evaluate.main(degenerate_inputs(tmp_path, annotations, kind) + extra)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "out" / "aligned.npy").exists() and not (tmp_path / "out" / "report.json").exists()
 
