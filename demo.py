@@ -17,7 +17,8 @@ changed by hand; a step whose output is already there is skipped (delete OUT to 
                         its last block, the untrained network at its best block (these three from probe.py's
                         cache of every block), hand-crafted features, and the planted phenotypes themselves
                         (the ceiling: no image, no noise)
-  6. one table side by side -> OUT/table.md, table.json; pictures: OUT/probe/probe.png, OUT/train/recon_*.png
+  6. one table side by side -> OUT/table.md, table.json; pictures: OUT/train/recon_*.png, OUT/train/loss.png,
+                        and OUT/probe/probe.png with matplotlib
 Extra --key=value arguments go to train.py (e.g. --max_steps=500, --seed=7); --screen_seed is the screen's.
 """
 
@@ -128,8 +129,9 @@ def main():
                                              seconds=dict(to_trained=round(trained_at - started, 1),
                                                           total=round(time.perf_counter() - started, 1))))
     data.write_atomic(out / "table.md", lambda f: f.write(text.encode()))
-    print(f"\n{text}\n{out / 'table.md'}; pictures: {out / 'probe' / 'probe.png'}, {train_dir}/recon_*.png; "
-          f"{time.perf_counter() - started:.0f} s")
+    pictures = [str(p) for p in [out / "probe" / "probe.png", train_dir / "loss.png", *sorted(train_dir.glob("recon_*.png"))] if p.exists()]
+    skipped = "" if (out / "probe" / "probe.png").exists() else " (probe.png needs matplotlib: pip install matplotlib)"
+    print(f"\n{text}\n{out / 'table.md'}; pictures: {', '.join(pictures)}{skipped}; {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

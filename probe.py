@@ -234,6 +234,8 @@ def main(argv=None):
                   best_block=best, curves={t: {str(b): r for b, r in c.items()} for t, c in curves.items()},
                   seconds=round(time.perf_counter() - started, 1))
     picture = plot_curve(out / "probe.png", curves)
+    if picture is None:
+        print(f"{out / 'probe.png'} skipped: drawing it needs matplotlib (pip install matplotlib)")
     if args.trim:
         block = best[args.task.split(",")[0]]
         model = mae.from_pretrained(args.ckpt).trim(block)

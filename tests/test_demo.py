@@ -4,11 +4,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-
-import data
-import synth
-
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
