@@ -399,7 +399,7 @@ def main():
     check_settings()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed and parallel == "none":
-        raise SystemExit("started by torchrun with several processes: set --parallel=ddp or --parallel=fsdp")
+        raise SystemExit("started by torchrun with several processes: set --parallel=ddp, fsdp or hsdp")
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         print("warning: restarted workers may hang; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     if parallel in ("fsdp", "hsdp") and compile == "model":
