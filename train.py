@@ -47,6 +47,8 @@ preset = "vits16"           # a key of model.PRESETS; MAEConfig fields set here 
 data = "out/demo/crops"     # prepared dataset(s) (data.py prepare), comma-separated to mix channel counts
 data_weights = ""           # comma-separated sampling weights, one per dataset; "" = by size
 augment = True              # the 8 flips/rotations of the square
+channel_sampling = False    # CA only: each step trains on k of the crops' C channels, k uniform in [min_channels, C]
+min_channels = 1            # channel_sampling: the fewest channels a step keeps
 # optimization
 optimizer = "lion"          # "lion" (the paper's) or "adamw"
 lr = 1e-4                   # peak learning rate
@@ -104,6 +106,8 @@ def check_settings():
         problems.append(f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)} (or empty), got {sdpa_backend!r}")
     elif sdpa_backend in ("efficient", "cudnn") and not device.startswith("cuda"):
         problems.append(f"sdpa_backend {sdpa_backend!r} has no kernel on {device}: use flash or math there")
+    if channel_sampling and not (model_config.channel_agnostic and 1 <= min_channels):
+        problems.append("channel_sampling needs channel_agnostic=True and min_channels of 1 or more")
     if parallel not in ("none", "ddp", "fsdp", "hsdp"):
         problems.append(f"parallel must be none, ddp, fsdp or hsdp, got {parallel!r}")
     if problems:
@@ -141,6 +145,16 @@ class Lion(torch.optim.Optimizer):
                 w.mul_(decay)
                 w.add_(torch.sign(m.lerp(g, 1 - beta1)), alpha=-lr)
                 m.lerp_(g, 1 - beta2)
+
+
+def sampled_channels(step, channels):
+    """Hierarchical channel sampling (ChannelViT, Bao et al. ICLR 2024): this step's k, uniform in
+    [min_channels, C], then k of the C channels at random, kept in their order. Drawn from (seed, step):
+    every micro-step and rank of a step keeps the same channels, so a step has one shape everywhere (a
+    compiled model sees at most C - min_channels + 1 shapes) and any world size makes the same draws."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    k = int(torch.randint(min(min_channels, channels), channels + 1, (1,), generator=generator))
+    return torch.randperm(channels, generator=generator)[:k].sort().values
 
 
 def lr_at(step):
@@ -469,11 +483,14 @@ def main():
                 # one with another world size, makes the same draws for the same crops
                 torch.manual_seed(seed + 1_000_003 * step + m * world_size + rank)
                 x = next(loader)
+                kept = sampled_channels(step, x.shape[1]).to(x.device) if channel_sampling else None
+                if kept is not None:  # the tokens, masking and loss of the kept channels only
+                    x = x[:, kept]
                 last = m == accum_steps - 1
                 if parallel in ("fsdp", "hsdp"):
                     model.set_requires_gradient_sync(last)
                 with autocast, attention(), (step_model.no_sync() if parallel == "ddp" and not last else nullcontext()):
-                    loss = step_model(x)[0]
+                    loss = step_model(x, kept)[0]  # kept: which channel-table rows the decoder uses
                 (loss / accum_steps).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))

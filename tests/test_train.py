@@ -568,3 +568,23 @@ def test_a_bf16_block_under_fsdp_keeps_its_layerscale_update(train_module, monke
         dist.destroy_process_group()
     assert got.dtype == torch.float32
     assert (got - expected).norm() / expected.norm() < 0.02  # bf16 keeps 8 bits: ~0.4% per product
+
+
+def test_channel_sampling_draws_valid_subsets_of_every_size(train_module, monkeypatch):
+    monkeypatch.setattr(train_module, "min_channels", 2)
+    drawn = [train_module.sampled_channels(step, 6) for step in range(400)]
+    assert all(2 <= len(c) <= 6 and c.tolist() == sorted(set(c.tolist())) and 0 <= c.min() and c.max() < 6 for c in drawn)
+    assert {len(c) for c in drawn} == {2, 3, 4, 5, 6}
+    assert {tuple(c.tolist()) for c in drawn if len(c) == 2} >= {(0, 1), (4, 5)}  # different subsets, not a fixed one
+    assert torch.equal(train_module.sampled_channels(7, 6), train_module.sampled_channels(7, 6))  # a function of the step
+
+
+def test_channel_sampling_trains_and_two_processes_agree(dataset, tmp_path):
+    """A CA-MAE on random channel subsets: the loss falls, and 2 DDP processes give the 1-process losses
+    (every rank of a step keeps the same channels)."""
+    settings = dict(max_steps=12, ckpt_interval=12, channel_sampling=True, min_channels=2)
+    one = train(dataset, tmp_path / "one", **settings)
+    assert np.mean([one[s] for s in (9, 10, 11)]) < 0.85 * np.mean([one[s] for s in (0, 1, 2)])
+    two = train(dataset, tmp_path / "two", nproc=2, parallel="ddp", **settings)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
