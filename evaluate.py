@@ -741,6 +741,20 @@ def read_lines(path):
     return [line.strip() for line in open(path) if line.strip()] if path else []
 
 
+def control_wells(wells, perturbation, control, where="metadata"):
+    """Which wells are controls: where the metadata has an is_control column, its true values (True,
+    true, 1, yes); else the wells whose perturbation is `control`. When both say something and
+    disagree, is_control wins, and the count of wells that differ is said."""
+    by_name = np.asarray(perturbation) == control
+    if "is_control" not in wells[0]:
+        return by_name
+    flagged = np.array([str(w["is_control"]).strip().lower() in ("true", "1", "yes") for w in wells])
+    if (flagged != by_name).any() and by_name.any():
+        print(f"warning: {where}: is_control and --control {control!r} disagree on {(flagged != by_name).sum()} wells; "
+              f"is_control decides", file=sys.stderr)
+    return flagged
+
+
 def check_map(features, wells, chunk=65536):
     """A map the benchmarks can score, or one line saying why not: every value finite, and the wells
     not all alike (identical features score 0 recall and an absurd CvM, not an error)."""
@@ -773,6 +787,11 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         if name not in wells[0]:
             raise SystemExit(f"metadata: no column {name!r} (columns: {', '.join(wells[0])})")
     perturbation, batch = column(perturbation_col), column(batch_col)
+    is_control = control_wells(wells, perturbation, control)
+    perturbation = np.where(is_control, control, perturbation)  # from here on a control is known by its name
+    print(f"evaluate: perturbations from {perturbation_col!r}, {is_control.sum()} control wells "
+          f"({'is_control' if 'is_control' in wells[0] else f'{perturbation_col} == {control!r}'}), "
+          f"{len(set(batch.tolist()))} batches by {batch_col!r}, {len(wells)} wells")
     # np.where sizes the strings for "control": assigning it into a column of "gene"s cut it to "cont"
     kind = np.where(perturbation == control, "control", column("perturbation_type", "gene"))
     # Filter: unlabeled wells, dropped perturbations, perturbations seen in too few wells

@@ -214,7 +214,7 @@ def main(argv=None):
     train, validation, held_out = split_wells(wells, args.split_col, args.validation_fraction)
     grid = [float(v) for v in args.grid.split(",")]
     batches = np.array([w[args.batch_col] for w in wells], dtype=str) if args.align == "centerscale" else None
-    is_control = np.array([w["perturbation"] == args.control for w in wells])
+    is_control = evaluate.control_wells(wells, [w["perturbation"] for w in wells], args.control, "probe")
     curves = {}
     for task in args.task.split(","):
         labels = task_labels(wells, task, args.groups, control=args.control, keep_controls=args.keep_controls)

@@ -496,3 +496,24 @@ def test_a_block_the_model_does_not_have_is_one_line(screen, tmp_path):
     run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "model.pt"), "--data", str(screen / "crops"),
                           "--out", str(tmp_path / "out"), "--block", "5"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith("--block 5: " + str(tmp_path / "model.pt") + " has blocks 1..2")
+
+
+def test_controls_are_the_is_control_column_when_there_is_one(tmp_path, annotations, capsys):
+    """A screen that marks its controls by is_control, under two names neither of which is --control's
+    default, is aligned on them (it once failed with 'no control wells'); where the column and the name
+    disagree, is_control decides and the run says on how many wells."""
+    args = degenerate_inputs(tmp_path, annotations, "fine")
+    rows = data.read_csv(tmp_path / "wells.csv")
+    for i, r in enumerate(rows):
+        control = r["perturbation"] == "non-targeting"
+        r["is_control"] = str(control)
+        if control:
+            r["perturbation"] = "EMPTY" if i % 2 else "DMSO"
+    data.write_csv(tmp_path / "wells.csv", list(rows[0]), [list(r.values()) for r in rows])
+    report = evaluate.main(args) or json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["control_wells"] == 12 and report["counts"]["genes"] == 40
+    assert "12 control wells (is_control)" in capsys.readouterr().out
+    rows[0]["perturbation"] = "non-targeting"  # named a control, flagged as none
+    data.write_csv(tmp_path / "wells.csv", list(rows[0]), [list(r.values()) for r in rows])
+    evaluate.main(args)
+    assert "is_control and --control 'non-targeting' disagree on 13 wells; is_control decides" in capsys.readouterr().err
