@@ -517,3 +517,24 @@ def test_controls_are_the_is_control_column_when_there_is_one(tmp_path, annotati
     data.write_csv(tmp_path / "wells.csv", list(rows[0]), [list(r.values()) for r in rows])
     evaluate.main(args)
     assert "is_control and --control 'non-targeting' disagree on 13 wells; is_control decides" in capsys.readouterr().err
+
+
+def test_compound_activity_thresholds_repeats_and_sizes():
+    """The rules at their edges: exactly 1 uM is positive, 1.5 and exactly 10 uM are left out, 10.5 uM is
+    a negative; a gene listed twice counts at its strongest potency; a compound without positives is
+    passed over, not the end of the list; negatives are max(2 x positives, 20); a call is repeatable."""
+    rng = np.random.default_rng(15)
+    genes = [f"G{i}" for i in range(22)]
+    gene_map = rng.normal(size=(22, 16))
+    activities = [("A-none", "G0", 50.0),                                     # no positive: passed over
+                  ("B", "G1", 1.0), ("B", "G2", 10.0), ("B", "G3", 10.5), ("B", "G4", 0.5), ("B", "G4", 5.0),
+                  ("B", "G5", 1.5)]
+    compounds = np.array(["A-none", "B"])
+    summary, per = evaluate.compound_gene_activity(gene_map[[0, 1]], compounds, gene_map, genes, activities)
+    assert sorted(per) == ["B"] and summary["n_compounds"] == 1
+    assert (per["B"]["positives"], per["B"]["negatives"]) == (2, 18)  # G1, G4; out: G2, G5; the other 18 (G3 too) negative
+    assert evaluate.compound_gene_activity(gene_map[[0, 1]], compounds, gene_map, genes, activities)[0] == summary
+    many = rng.normal(size=(60, 16))
+    _, per = evaluate.compound_gene_activity(many[:1], ["C"], many, [f"G{i}" for i in range(60)],
+                                             [("C", f"G{i}", 0.1) for i in range(12)])
+    assert (per["C"]["positives"], per["C"]["negatives"]) == (12, 24)
