@@ -538,3 +538,20 @@ def test_compound_activity_thresholds_repeats_and_sizes():
     _, per = evaluate.compound_gene_activity(many[:1], ["C"], many, [f"G{i}" for i in range(60)],
                                              [("C", f"G{i}", 0.1) for i in range(12)])
     assert (per["C"]["positives"], per["C"]["negatives"]) == (12, 24)
+
+
+@pytest.mark.parametrize("method", ["mean", "median"])
+def test_aggregate_is_the_per_perturbation_mean_or_median_across_chunks(method):
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(50, 4))
+    keys = rng.choice(["A", "B", "C", "D"], 50)
+    names, rows = evaluate.aggregate(x, keys, method, chunk=7)  # several chunks of the stream
+    assert names.tolist() == ["A", "B", "C", "D"]
+    reduce = np.mean if method == "mean" else np.median
+    np.testing.assert_allclose(rows, [reduce(x[keys == k], 0) for k in names], rtol=1e-12)
+
+
+def test_rows_kept_are_the_rows_asked_for():
+    x = np.arange(12.0).reshape(6, 2)
+    assert evaluate._rows(x, np.arange(6)) is x  # all kept: the memory map itself, no copy
+    np.testing.assert_array_equal(evaluate._rows(x, np.array([1, 4])), x[[1, 4]])
