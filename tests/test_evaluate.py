@@ -368,7 +368,13 @@ def test_synthetic_screen_end_to_end(screen, annotations):
     assert report["recall"]["CORUM"]["recall_0.05_0.95"] > 0.2 and report["recall"]["StringDB"]["recall_0.05_0.95"] > 0.2
     assert report["consistency"]["fraction_p_below_0.01"] > 0.3
     assert report["compound_gene"]["n_compounds"] == 2
-    assert (out / "report.md").read_text().startswith("# Benchmarks")
+    text = (out / "report.md").read_text()  # report.md says what report.json says
+    assert text.startswith("# Benchmarks: hand-crafted features\n") and "align tvn (pca_dims 0.99), batch column plate" in text
+    for source, r in report["recall"].items():
+        assert f"| {source} | {r['recall_0.05_0.95']:.3f} | {r['recall_0.1_0.9']:.3f} | {r['n_pairs']} | {r['n_entities']} |" in text
+    c, g = report["consistency"], report["compound_gene"]
+    assert f"null: {c['null']}) | {c['fraction_p_below_0.01']:.3f} |" in text and f"| ks | {c['ks']:.3f} |" in text
+    assert f"compound-gene activity: 2 compounds, AP {g['ap']:.3f} (random {g['random_ap']:.3f}, z {g['z']:.2f})" in text
 
 
 def test_evaluate_takes_one_block_of_a_blocks_file(screen, annotations, tmp_path):
