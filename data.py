@@ -140,9 +140,9 @@ def guess_pattern(files, columns):
                      f"e.g. --pattern '{guess}'")
 
 
-def find_sites(images, rows, pattern, channels, on_error):
-    """Match every image file under `images` to its metadata row, by the pattern's fields (every field
-    but {channel} names a metadata column). Returns [(row, [file per channel])] in the metadata's order,
+def find_sites(images, files, rows, pattern, channels, on_error):
+    """Match every image file (`files`, paths under `images`) to its metadata row, by the pattern's
+    fields (every field but {channel} names a metadata column). Returns [(row, [file per channel])] in the metadata's order,
     and [(file, problem)] of the files no row names (an error unless on_error is 'skip')."""
     regex = pattern_regex(pattern)
     fields = [f for f in regex.groupindex if f != "channel"]
@@ -159,7 +159,7 @@ def find_sites(images, rows, pattern, channels, on_error):
             raise SystemExit(f"metadata line {n}: {' '.join(f'{f} {v}' for f, v in zip(fields, key))} appears twice")
         files_of[key] = {}
     strays = []
-    for name in image_files(images):
+    for name in files:
         m = regex.match(name)
         if not m:
             continue
@@ -324,10 +324,10 @@ def prepare_shard(job):
     return manifest
 
 
-def channel_values(images, pattern):
+def channel_values(files, pattern):
     """The {channel} values the files carry, in order (by number when they are numbers)."""
     regex = pattern_regex(pattern)
-    values = {m["channel"] for m in map(regex.match, image_files(images)) if m}
+    values = {m["channel"] for m in map(regex.match, files) if m}
     return sorted(values, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
 
 
@@ -365,10 +365,11 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
         images, strays, layout, n_expected = Path(load_data).parent, [], f"LoadData {load_data}", len(names)
     else:
         images = Path(images)
-        layout = pattern or guess_pattern(image_files(images), rows[0])
+        files = image_files(images)  # listed once: a screen may hold millions
+        layout = pattern or guess_pattern(files, rows[0])
         if "{channel}" in layout and not channels:
-            channels = channel_values(images, layout)
-        sites, strays = find_sites(images, rows, layout, channels, on_error)
+            channels = channel_values(files, layout)
+        sites, strays = find_sites(images, files, rows, layout, channels, on_error)
         names, n_expected = channels, len(channels) if channels else None
     if not sites:
         raise SystemExit(f"{images}: no file matches the layout {layout}")
