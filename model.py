@@ -474,8 +474,8 @@ class MAE(nn.Module):
         backward keeps per token and block, as counted by saved-tensor hooks (tests/test_model.py): the
         fp32 residual input and, in bf16, the norms, the fused projection, q/k norms, attention and MLP
         outputs: 20 D + 6 MLP bytes for a parallel block, 20 D + 4 MLP for a sequential one (8 D more with
-        its two LayerScales), 4 D more with QK-norm. With activation checkpointing only each block's input is kept, plus one block's
-        worth during its recomputation. The standardized input and the loss' tensors add ~22 bytes per
+        its two LayerScales), 4 D more with QK-norm. With activation checkpointing only each block's input
+        is kept, plus one block's worth during its recomputation. The standardized input and the loss' tensors add ~22 bytes per
         pixel and channel (measured the same way). Kernels' workspaces and the allocator's slack are not
         counted: keep ~20% free."""
         c = self.config

@@ -114,6 +114,11 @@ def check_settings():
         raise SystemExit("; ".join(problems))
 
 
+def local_shard(t):
+    """A DTensor's local shard, which in-place operations change (a plain tensor is its own)."""
+    return getattr(t, "_local_tensor", t)
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023): the update is the sign of an interpolation of the momentum and the
     gradient, so every weight moves by exactly lr; decoupled weight decay as in AdamW. It works on
@@ -126,7 +131,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        local = lambda tensors: [getattr(t, "_local_tensor", t) for t in tensors]  # a DTensor's shard, in place
+        local = lambda tensors: [local_shard(t) for t in tensors]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -264,7 +269,8 @@ def resume_point(rank):
 
 def resume_changes(path, datasets):
     """Refuse a checkpoint of another model, optimizer or channel count in one line; return the other
-    settings that differ ({name: [checkpoint's, this run's]}), which the run warns about and records."""
+    settings that differ ({name: [checkpoint's, this run's]}), which the run warns about, and the
+    history of such changes train.json records (the checkpoint's, without this resume's)."""
     info = json.loads((path / "train.json").read_text())
     ours = json.loads(json.dumps(dict(model=asdict(model_config), settings=settings)))  # tuples as JSON has them
     refused = [f"{k}: checkpoint {v!r}, this run {ours['model'].get(k)!r}" for k, v in info["model_config"].items()
@@ -276,8 +282,9 @@ def resume_changes(path, datasets):
         refused.append(f"data channels: checkpoint {info['data_channels']}, this run {channels}")
     if refused:
         raise SystemExit(f"{path}: a checkpoint of another run, cannot resume: {'; '.join(refused)} (use a new out_dir)")
-    return {k: [info["settings"][k], v] for k, v in ours["settings"].items()
-            if k in info["settings"] and info["settings"][k] != v and k not in RUN_SETTINGS}
+    changes = {k: [info["settings"][k], v] for k, v in ours["settings"].items()
+               if k in info["settings"] and info["settings"][k] != v and k not in RUN_SETTINGS}
+    return changes, info.get("history", [])
 
 
 def save_checkpoint(model, opt, step, rank, world_size, info):
@@ -315,7 +322,7 @@ def load_checkpoint(model, opt, path):
 
 def all_finite(model):
     """Are all weights finite, on every rank (one collective)?"""
-    local = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in model.parameters()]).all()
+    local = torch.stack([torch.isfinite(local_shard(p)).all() for p in model.parameters()]).all()
     flag = local.to(torch.int32)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -433,7 +440,7 @@ def main():
 
     datasets = open_datasets()
     resume_from = resume_point(rank)
-    changes = resume_changes(resume_from, datasets) if resume_from else {}
+    changes, history = resume_changes(resume_from, datasets) if resume_from else ({}, [])
     with torch.device("meta"):  # build on meta, parallelize, then materialize: no throwaway full-size init
         model = MAE(model_config)
     model = parallelize(model, world_size)
@@ -454,7 +461,6 @@ def main():
             print(f"resumed from {resume_from} at step {start}")
             for key, (before, now) in changes.items():
                 print(f"warning: {key} was {before!r} in {resume_from}, is {now!r} now (recorded in train.json)")
-    history = json.loads((resume_from / "train.json").read_text()).get("history", []) if resume_from else []
     history += [dict(step=start, changed=changes)] if changes else []
     weights = [float(w) for w in data_weights.split(",")] if data_weights else None
     loader = Loader(datasets, batch_size, accum_steps, weights=weights, rank=rank, world_size=world_size,
@@ -473,31 +479,37 @@ def main():
     bad_steps, pending, good = 0, resume_from, None
     info = dict(data_channels=[d.channels for d in datasets], history=history)
     last_log = (start, time.perf_counter())
+
+    def gradients(step):
+        """This rank's micro-batches of the step, forward and backward, gradients reduced and clipped.
+        Returns the summed loss (on the device), the gradient norm and the last micro-batch."""
+        loss_sum = torch.zeros((), device=device)
+        for m in range(accum_steps):
+            # masks and drop-path draw from (seed, step, slice of the global batch): a resumed run, or
+            # one with another world size, makes the same draws for the same crops
+            torch.manual_seed(seed + 1_000_003 * step + m * world_size + rank)
+            x = next(loader)
+            kept = sampled_channels(step, x.shape[1]).to(x.device) if channel_sampling else None
+            if kept is not None:  # the tokens, masking and loss of the kept channels only
+                x = x[:, kept]
+            last = m == accum_steps - 1
+            if parallel in ("fsdp", "hsdp"):
+                model.set_requires_gradient_sync(last)
+            with autocast, attention(), (step_model.no_sync() if parallel == "ddp" and not last else nullcontext()):
+                loss = step_model(x, kept)[0]  # kept: which channel-table rows the decoder uses
+            (loss / accum_steps).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        # one sync per optimizer step: gradients are already reduced, so every rank decides alike
+        return loss_sum, grad_norm.item(), x
+
     try:
         for step in range(start, max_steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(accum_steps):
-                # masks and drop-path draw from (seed, step, slice of the global batch): a resumed run, or
-                # one with another world size, makes the same draws for the same crops
-                torch.manual_seed(seed + 1_000_003 * step + m * world_size + rank)
-                x = next(loader)
-                kept = sampled_channels(step, x.shape[1]).to(x.device) if channel_sampling else None
-                if kept is not None:  # the tokens, masking and loss of the kept channels only
-                    x = x[:, kept]
-                last = m == accum_steps - 1
-                if parallel in ("fsdp", "hsdp"):
-                    model.set_requires_gradient_sync(last)
-                with autocast, attention(), (step_model.no_sync() if parallel == "ddp" and not last else nullcontext()):
-                    loss = step_model(x, kept)[0]  # kept: which channel-table rows the decoder uses
-                (loss / accum_steps).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            # one sync per optimizer step: gradients are already reduced, so every rank decides alike
-            grad_norm = grad_norm.item()
+            loss_sum, grad_norm, x = gradients(step)
             if not math.isfinite(grad_norm):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
