@@ -127,8 +127,8 @@ def train_figures(runs, parallel="none", steps=8):
         print(f"\ntrain.py, {parallel}, {steps} steps, {torch.cuda.get_device_name() if peak else 'cpu'}"
               f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16)")
         print(f"{'preset':10} {'settings':32} {'batch':>5} {'steps/s':>8} {'crops/s':>8} {'tokens/s':>10} {'MFU':>6} {'memory GiB':>11}")
-        for label, batch_size, extra in runs:
-            out = Path(tmp) / f"run{len(list(Path(tmp).iterdir()))}"
+        for i, (label, batch_size, extra) in enumerate(runs):
+            out = Path(tmp) / f"run{i}"
             args = [f"--preset={label.removesuffix('-ca')}", f"--channel_agnostic={label.endswith('-ca')}", f"--data={crops}",
                     f"--out_dir={out}", f"--max_steps={steps}", f"--batch_size={batch_size}", f"--global_batch={batch_size}",
                     f"--parallel={parallel}", "--log_interval=1", f"--ckpt_interval={10 ** 9}", f"--peak_flops={peak or 1.0}"] + extra

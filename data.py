@@ -142,10 +142,12 @@ def guess_pattern(files, columns):
 
 def find_sites(images, files, rows, pattern, channels, on_error):
     """Match every image file (`files`, paths under `images`) to its metadata row, by the pattern's
-    fields (every field but {channel} names a metadata column). Returns [(row, [file per channel])] in the metadata's order,
-    and [(file, problem)] of the files no row names (an error unless on_error is 'skip')."""
+    fields (every field but {channel} names a metadata column). Returns [(row, [file per channel])] in
+    the metadata's order, and [(file, problem)] of the files no row names (an error unless on_error
+    is 'skip')."""
     regex = pattern_regex(pattern)
     fields = [f for f in regex.groupindex if f != "channel"]
+    named = lambda key: " ".join(f"{f} {v}" for f, v in zip(fields, key))  # "plate P1 well B02 site 1"
     missing = [f for f in fields if f not in rows[0]]
     if missing:
         raise SystemExit(f"metadata: no column {', '.join(missing)}, which the pattern {pattern} names")
@@ -156,7 +158,7 @@ def find_sites(images, files, rows, pattern, channels, on_error):
         if "" in key:
             raise SystemExit(f"metadata line {n}: empty {fields[key.index('')]}")
         if key in files_of:
-            raise SystemExit(f"metadata line {n}: {' '.join(f'{f} {v}' for f, v in zip(fields, key))} appears twice")
+            raise SystemExit(f"metadata line {n}: {named(key)} appears twice")
         files_of[key] = {}
     strays = []
     for name in files:
@@ -165,19 +167,19 @@ def find_sites(images, files, rows, pattern, channels, on_error):
             continue
         key = tuple(key_value(f, m[f]) for f in fields)
         if key not in files_of:
-            strays.append((str(Path(images) / name), f"no metadata row for {' '.join(f'{f} {v}' for f, v in zip(fields, key))}"))
+            strays.append((str(Path(images) / name), f"no metadata row for {named(key)}"))
             if on_error == "raise":
                 raise SystemExit(f"{strays[0][0]}: {strays[0][1]}")
             continue
         files_of[key][m["channel"] if per_channel else None] = str(Path(images) / name)
     sites = []
-    for row, (key, files) in zip(rows, files_of.items()):
+    for row, (key, found) in zip(rows, files_of.items()):
         wanted = channels if per_channel else [None]
-        absent = [c for c in wanted if c not in files]
+        absent = [c for c in wanted if c not in found]
         if absent:
             what = f"channel {', '.join(absent)}" if per_channel else "image"
-            raise SystemExit(f"{images}: no {what} file for {' '.join(f'{f} {v}' for f, v in zip(fields, key))} (pattern {pattern})")
-        sites.append((row, [files[c] for c in wanted]))
+            raise SystemExit(f"{images}: no {what} file for {named(key)} (pattern {pattern})")
+        sites.append((row, [found[c] for c in wanted]))
     return sites, strays
 
 
@@ -201,8 +203,7 @@ def load_data_sites(load_data, rows, channels):
         key = tuple(key_value(f, site[f"Metadata_{f.capitalize()}"]) for f in ("plate", "well", "site"))
         if key not in label_of:
             raise SystemExit(f"{load_data} line {n}: no metadata row for plate {key[0]} well {key[1]} site {key[2]}")
-        folder = lambda c: Path(site[f"PathName_Orig{c}"]) if Path(site[f"PathName_Orig{c}"]).is_absolute() \
-            else Path(load_data).parent / site[f"PathName_Orig{c}"]
+        folder = lambda c: Path(load_data).parent / site[f"PathName_Orig{c}"]  # an absolute path stays itself
         sites.append((label_of[key], [str(folder(c) / site[f"FileName_Orig{c}"]) for c in names]))
     return sites, names
 
