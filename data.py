@@ -252,14 +252,14 @@ def read_site(files, n_channels, channel_axis):
 def screen_shape(sites, n_channels, channel_axis, sample=64):
     """The screen's image shape [C, H, W]: the most common among up to `sample` sites spread over it
     (never whichever file came first, which may be the bad one)."""
-    shapes = Counter()
+    shapes, problems = Counter(), []
     for _, files in sites[::max(1, len(sites) // sample)]:
         try:
             shapes[read_site(files, n_channels, channel_axis).shape] += 1
-        except BadImage:
-            pass
+        except BadImage as e:
+            problems.append(f"{files[0]}: {e}")
     if not shapes:
-        raise SystemExit(f"{sites[0][1][0]}: no image of the {min(len(sites), sample)} sampled could be read")
+        raise SystemExit(f"no image of the {len(problems)} sampled could be read; the first, {problems[0]}")
     return shapes.most_common(1)[0][0]
 
 

@@ -470,3 +470,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp")) and not (tmp_path / "out" / "meta.json").exists()
     subprocess.run(command, check=True, capture_output=True)
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["crops"] == 24
+
+
+def test_a_loaddata_csv_naming_files_that_are_not_there_says_which(tmp_path):
+    """Not in the issue's list: a LoadData CSV whose files are missing (a path mistyped, a plate not
+    yet downloaded) is one line naming the first file and why."""
+    data.write_csv(tmp_path / "load_data.csv", ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "FileName_OrigDNA", "PathName_OrigDNA"],
+                   [["P1", "A01", "1", "nope.tiff", "images"]])
+    data.write_csv(tmp_path / "metadata.csv", ["plate", "well", "site", "perturbation"], [["P1", "A01", "1", "G1"]])
+    with pytest.raises(SystemExit, match=r"no image of the 1 sampled could be read; the first, .*nope\.tiff: unreadable TIFF \(FileNotFoundError"):
+        prepare(None, tmp_path / "metadata.csv", tmp_path / "out", load_data=tmp_path / "load_data.csv", crop_size=32)
