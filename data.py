@@ -2,7 +2,9 @@
 Microscopy images to training crops, and the loader that feeds them to training.
 
     python data.py prepare --images out/demo/synth/images --metadata out/demo/synth/metadata.csv --out out/demo/crops --crop_size 32
+    python data.py prepare ... --part 2/8, then python data.py prepare --merge --out DIR  # many machines
     python data.py bench --data out/demo/crops                           # loader crops/s
+    python data.py bench prepare                                         # prepare's images/s vs a plain copy
 
 `prepare` cuts every image into crops and writes shards: `shard_00000.npy`, uint8 [n, C, H, W],
 memory-mappable; `index.csv`, one row per crop (shard, offset, source, tile_y, tile_x and every
@@ -12,14 +14,17 @@ metadata column); `meta.json`, written last (channel names, crop size, counts, c
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -34,14 +39,16 @@ FORMAT_VERSION = 1
 
 
 def write_atomic(path, write):
-    """Call write(file) on a temporary name beside path, then rename: readers never see half a file."""
+    """Call write(file) on a temporary name beside path, then rename: readers never see half a file. The
+    temporary name is unique (NAME.XXXX.tmp), so that processes writing the same file, the parts of one
+    prepare on a shared filesystem, never write into each other's."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # not mkstemp: its files are private (0600)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
     except BaseException:  # a full disk, a kill: no half-written file stays behind
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
 
@@ -110,17 +117,89 @@ def pattern_regex(pattern):
 
 
 # File layouts recognized without --pattern, RxRx's and this project's; the first that every file fits.
+# The last three name images in tables: RxRx3-core's __key__, and the names made from plate, well, site,
+# channel columns (see table_images); as they have no suffix, they come after the file layouts.
 LAYOUTS = ("{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png", "{plate}/{well}_s{site}_w{channel}.{ext}",
-           "{plate}/{well}_s{site}.{ext}", "{plate}_{well}_s{site}_w{channel}.{ext}", "{plate}_{well}_s{site}.{ext}")
+           "{plate}/{well}_s{site}.{ext}", "{plate}_{well}_s{site}_w{channel}.{ext}", "{plate}_{well}_s{site}.{ext}",
+           "{experiment}/Plate{plate}/{well}_s{site}_{channel}", "{plate}/{well}_s{site}_w{channel}", "{plate}/{well}_s{site}")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jp2", ".jpg", ".jpeg")
 
 
 def image_files(images):
-    files = [p.relative_to(images).as_posix() for p in sorted(Path(images).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    if not files:
-        raise SystemExit(f"{images}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    """The image files under the folder `images`, as paths relative to it; or, where `images` is a
+    parquet file or a folder of them, the images the tables hold (see table_images)."""
+    images = Path(images)
+    if images.suffix == ".parquet" and images.is_file():
+        return table_images([images])
+    if not images.is_dir():
+        raise SystemExit(f"{images}: no such folder or parquet file")
+    paths = [p for p in sorted(images.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES + (".parquet",) and p.is_file()]
+    tables = [p for p in paths if p.suffix == ".parquet"]
+    if tables:
+        return table_images(tables)
+    if not paths:
+        raise SystemExit(f"{images}: no image files ({', '.join(IMAGE_SUFFIXES)}) or parquet tables")
+    return [p.relative_to(images).as_posix() for p in paths], None, None
+
+
+def pyarrow_parquet(path):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise SystemExit(f"{path}: reading parquet tables needs pyarrow: pip install pyarrow") from None
+    return pyarrow.parquet
+
+
+def image_column(path, schema):
+    """The column of encoded images: binary, or a hub's image struct {bytes, path}; exactly one."""
+    import pyarrow as pa
+    found = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+             or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)]
+    if len(found) != 1:
+        raise SystemExit(f"{path}: {'no' if not found else 'more than one'} column of encoded images "
+                         f"(binary, or a struct with bytes) among {', '.join(schema.names)}")
+    return found[0]
+
+
+def table_images(tables):
+    """Images stored one per row in parquet tables, as image datasets on public hubs store them
+    (RxRx3-core): an encoded image column (PNG, JPEG 2000, TIFF; binary or a struct {bytes, path}) and
+    either a `__key__` naming the image like a file path ('gene-001/Plate1/AC44_s1_1') or plate, well,
+    site (and channel) columns, named then 'PLATE/WELL_sSITE[_wCHANNEL]'. Returns the names, {name:
+    'TABLE#ROW'} where the pixels are, and {name: the row's other columns} (labels, when the table holds
+    them). Only the small columns are read here; the images are read by the workers, a row group at a
+    time."""
+    pq = pyarrow_parquet(tables[0])
+    where, labels = {}, {}
+    for table in tables:
+        try:
+            schema = pq.read_schema(table)
+            pixels = image_column(table, schema)
+            rows = pq.read_table(table, columns=[n for n in schema.names if n != pixels]).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            raise SystemExit(f"{table}: unreadable parquet ({type(e).__name__}: {e})") from None
+        for i, row in enumerate(rows):
+            if "__key__" in row:
+                name = str(row.pop("__key__"))
+            elif {"plate", "well", "site"} <= set(row):
+                name = f"{row['plate']}/{row['well']}_s{row['site']}" + (f"_w{row['channel']}" if "channel" in row else "")
+            else:
+                raise SystemExit(f"{table}: no __key__ column, and no plate, well, site columns, to name its images by")
+            if name in where:
+                raise SystemExit(f"{table} row {i}: image {name} appears twice")
+            where[name] = f"{table}#{i}"
+            labels[name] = {k: "" if v is None else str(v) for k, v in row.items() if k != "channel"}
+    return list(where), where, labels
+
+
+def table_metadata(tables, labels):
+    """Metadata rows from the tables' own columns, one per site (the first image of each), in order."""
+    rows = {}
+    for row in labels.values():
+        if not {"plate", "well", "site"} <= set(row):
+            raise SystemExit(f"{tables}: the table has no plate, well, site columns: pass --metadata")
+        rows.setdefault((row["plate"], row["well"], row["site"]), row)
+    return list(rows.values())
 
 
 def guess_pattern(files, columns):
@@ -140,11 +219,12 @@ def guess_pattern(files, columns):
                      f"e.g. --pattern '{guess}'")
 
 
-def find_sites(images, files, rows, pattern, channels, on_error):
-    """Match every image file (`files`, paths under `images`) to its metadata row, by the pattern's
-    fields (every field but {channel} names a metadata column). Returns [(row, [file per channel])] in
-    the metadata's order, and [(file, problem)] of the files no row names (an error unless on_error
-    is 'skip')."""
+def find_sites(images, files, rows, pattern, channels, on_error, where=None):
+    """Match every image file (`files`, paths under `images`, or names in tables, found at where[name])
+    to its metadata row, by the pattern's fields (every field but {channel} names a metadata column).
+    Returns [(row, [file per channel])] in the metadata's order, and [(file, problem)] of the files no
+    row names (an error unless on_error is 'skip')."""
+    locate = where.__getitem__ if where else lambda name: str(Path(images) / name)
     regex = pattern_regex(pattern)
     fields = [f for f in regex.groupindex if f != "channel"]
     named = lambda key: " ".join(f"{f} {v}" for f, v in zip(fields, key))  # "plate P1 well B02 site 1"
@@ -167,11 +247,11 @@ def find_sites(images, files, rows, pattern, channels, on_error):
             continue
         key = tuple(key_value(f, m[f]) for f in fields)
         if key not in files_of:
-            strays.append((str(Path(images) / name), f"no metadata row for {named(key)}"))
+            strays.append((locate(name), f"no metadata row for {named(key)}"))
             if on_error == "raise":
                 raise SystemExit(f"{strays[0][0]}: {strays[0][1]}")
             continue
-        files_of[key][m["channel"] if per_channel else None] = str(Path(images) / name)
+        files_of[key][m["channel"] if per_channel else None] = locate(name)
     sites = []
     for row, (key, found) in zip(rows, files_of.items()):
         wanted = channels if per_channel else [None]
@@ -210,10 +290,38 @@ def load_data_sites(load_data, rows, channels):
 
 # ---- one site's pixels ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)  # a site's channels are usually neighbours in a row group
+def table_row_group(table, k):
+    """Row group k of a table's image column, and the table's row number where it starts."""
+    pq = pyarrow_parquet(table)
+    file = pq.ParquetFile(table)
+    column = file.read_row_group(k, columns=[image_column(table, file.schema_arrow)]).column(0).combine_chunks()
+    if hasattr(column, "field"):  # a hub's image struct {bytes, path}
+        column = column.field("bytes")
+    return column, sum(file.metadata.row_group(j).num_rows for j in range(k))
+
+
+@functools.lru_cache(maxsize=64)
+def row_group_starts(table):
+    metadata = pyarrow_parquet(table).ParquetFile(table).metadata
+    return np.cumsum([0] + [metadata.row_group(j).num_rows for j in range(metadata.num_row_groups)])
+
+
+def table_image_bytes(location):
+    """The encoded image at 'TABLE#ROW'."""
+    table, row = location.rsplit("#", 1)
+    k = int(np.searchsorted(row_group_starts(table), int(row), side="right")) - 1
+    column, start = table_row_group(table, k)
+    return column[int(row) - start].as_py()
+
+
 def read_image(path):
-    """One image file's pixels, by its suffix: TIFF with tifffile (compressed TIFF, PNG, JPEG 2000 and
-    JPEG need imagecodecs, the codecs tifffile's author maintains)."""
+    """One image's pixels: a file by its suffix, TIFF with tifffile (compressed TIFF, PNG, JPEG 2000 and
+    JPEG need imagecodecs, the codecs tifffile's author maintains), or a table's row ('TABLE#ROW')."""
     try:
+        if ".parquet#" in path:
+            import imagecodecs
+            return imagecodecs.imread(table_image_bytes(path))
         if Path(path).suffix.lower() in (".tif", ".tiff"):
             return tifffile.imread(path)
         import imagecodecs
@@ -223,13 +331,26 @@ def read_image(path):
     except Exception as e:  # codecs raise many kinds for truncated or foreign files
         if "imagecodecs" in str(e):
             raise SystemExit(f"{path}: this TIFF's compression needs imagecodecs: pip install imagecodecs") from None
-        kind = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jp2": "JPEG 2000"}.get(Path(path).suffix.lower(), "JPEG")
+        kind = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jp2": "JPEG 2000", ".jpg": "JPEG",
+                ".jpeg": "JPEG"}.get(Path(path).suffix.lower(), "image")
         raise BadImage(f"unreadable {kind} ({type(e).__name__}: {e})") from None
 
 
-def read_site(files, n_channels, channel_axis):
+def tiff_header(path):
+    """A TIFF's shape and pixel type alone, as an array that takes no memory: for screen_shape, which
+    would otherwise read up to 64 whole images before any work starts. Other formats are decoded."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return read_image(path)
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return np.broadcast_to(np.zeros((), tiff.series[0].dtype), tiff.series[0].shape)
+    except Exception as e:
+        raise BadImage(f"unreadable TIFF ({type(e).__name__}: {e})") from None
+
+
+def read_site(files, n_channels, channel_axis, read=read_image):
     """The site's image as [C, H, W] in its own dtype."""
-    arrays = [read_image(f) for f in files]
+    arrays = [read(f) for f in files]
     if len(files) > 1:  # one file per channel
         if any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise BadImage(f"per-channel files must be 2-D and equal in size, got {[a.shape for a in arrays]}")
@@ -255,7 +376,7 @@ def screen_shape(sites, n_channels, channel_axis, sample=64):
     shapes, problems = Counter(), []
     for _, files in sites[::max(1, len(sites) // sample)]:
         try:
-            shapes[read_site(files, n_channels, channel_axis).shape] += 1
+            shapes[read_site(files, n_channels, channel_axis, read=tiff_header).shape] += 1
         except BadImage as e:
             problems.append(f"{files[0]}: {e}")
     if not shapes:
@@ -285,10 +406,31 @@ def to_uint8(image, rule, percentiles):
         if image.dtype != np.uint16:
             raise BadImage(f"--convert shift needs uint8 or uint16 pixels, got {image.dtype}")
         return (image >> 8).astype(np.uint8)
-    flat = image.reshape(image.shape[0], -1).astype(np.float32)
-    low, high = np.percentile(flat, percentiles, axis=1)[:, :, None, None]
-    scaled = (image.astype(np.float32) - low) / np.maximum(high - low, 1e-12) * 255
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    stretch = lambda v, low, high: np.clip(np.rint((v - low) / max(high - low, 1e-12) * 255), 0, 255).astype(np.uint8)
+    if image.dtype.kind == "f":
+        return np.stack([stretch(c.astype(np.float64), *np.percentile(c, percentiles)) for c in image])
+    # Integer pixels: the percentiles from a histogram and the stretch as a table of every value, O(pixels)
+    # instead of a sort and float arithmetic per pixel; the same numbers (tests/test_data.py checks).
+    out = np.empty(image.shape, np.uint8)
+    for c, channel in enumerate(image):
+        # torch's bincount: 2.5x numpy's, which first copies the pixels to int64
+        counts = torch.bincount(torch.from_numpy(channel.astype(np.int32).ravel()), minlength=np.iinfo(image.dtype).max + 1).numpy()
+        low, high = histogram_percentiles(np.cumsum(counts), percentiles)
+        np.take(stretch(np.arange(len(counts), dtype=np.float64), low, high), channel, out=out[c])
+    return out
+
+
+def histogram_percentiles(cumulative, percentiles):
+    """np.percentile(x, percentiles) (its default, linear method), from x's cumulative histogram: the
+    order statistics at floor and ceil of (n - 1) q / 100, interpolated as numpy does (from the upper
+    one when the fraction is >= 0.5), so that the results are the same floats."""
+    n = int(cumulative[-1])
+    position = np.true_divide(percentiles, 100) * (n - 1)
+    below = np.floor(position)
+    fraction = position - below
+    value_at = lambda rank: np.searchsorted(cumulative, rank, side="right").astype(np.float64)
+    a, b = value_at(below), value_at(below + 1)  # b past the end only where fraction is 0
+    return np.where(fraction >= 0.5, b - (b - a) * (1 - fraction), a + (b - a) * fraction)
 
 
 def tile(image, crop):
@@ -332,8 +474,17 @@ def channel_values(files, pattern):
     return sorted(values, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
 
 
+def labelled(metadata, rows):
+    """The metadata rows, once checked: plate, well, site are required; what the later steps will miss
+    is said before any work, as a warning with counts."""
+    missing = {"plate", "well", "site"} - set(rows[0])
+    if missing:
+        raise SystemExit(f"{metadata}: missing column(s) {', '.join(sorted(missing))}")
+    warn_about_labels(metadata, rows)
+    return rows
+
+
 def warn_about_labels(metadata, rows):
-    """What the later steps will miss, said before any work: a warning, with counts."""
     if "perturbation" not in rows[0]:
         print(f"warning: {metadata}: no perturbation column: curate.py, probe.py and evaluate.py need one (the gene, "
               f"siRNA or compound of each site; controls by name, --control)", file=sys.stderr)
@@ -345,32 +496,39 @@ def warn_about_labels(metadata, rows):
 
 
 def prepare(images, metadata, out, pattern=None, channels=None, channel_names=None, load_data=None, channel_axis="auto",
-            crop_size=256, shard_size=1024, convert="auto", percentiles=(0.1, 99.9), workers=None, on_error="raise"):
+            crop_size=256, shard_size=1024, convert="auto", percentiles=(0.1, 99.9), workers=None, on_error="raise",
+            part=(1, 1)):
     """Images + metadata CSV -> shards, index.csv, meta.json. The images: a folder and a --pattern
-    (or a layout recognized without one), or a LoadData CSV (load_data, in place of both). Resumable:
-    run it again and it finishes the shards that are missing, and redoes those with skipped files (a
-    file fixed since is taken); finished shards are kept. on_error may change between runs."""
+    (or a layout recognized without one), parquet tables of encoded images, or a LoadData CSV
+    (load_data, in place of both). Resumable: run it again and it finishes the shards that are
+    missing, and redoes those with skipped files (a file fixed since is taken); finished shards are
+    kept. on_error may change between runs.
+    part=(i, n): write only the i-th of n slices of the shards, and that part's index
+    (part_I_of_N.csv); `merge` joins the parts when all n are written. The parts may run at once,
+    on many machines, into the same `out`."""
     low, high = percentiles
     if not 0 <= low < high <= 100:
         raise SystemExit(f"--percentiles {low},{high}: need 0 <= low < high <= 100")
     if crop_size < 1 or shard_size < 1:
         raise SystemExit(f"--crop_size {crop_size}, --shard_size {shard_size}: each must be 1 or more")
+    i_part, n_parts = part
+    if not 1 <= i_part <= n_parts:
+        raise SystemExit(f"--part {i_part}/{n_parts}: need 1 <= I <= N")
     out = Path(out)
-    rows = read_metadata(metadata)
-    missing = {"plate", "well", "site"} - set(rows[0])
-    if missing:
-        raise SystemExit(f"{metadata}: missing column(s) {', '.join(sorted(missing))}")
-    warn_about_labels(metadata, rows)
     if load_data:
+        rows = labelled(metadata, read_metadata(metadata))
         sites, names = load_data_sites(load_data, rows, channels)
         images, strays, layout, n_expected = Path(load_data).parent, [], f"LoadData {load_data}", len(names)
     else:
         images = Path(images)
-        files = image_files(images)  # listed once: a screen may hold millions
+        files, where, labels = image_files(images)  # listed once: a screen may hold millions
+        if metadata is None and labels is None:
+            raise SystemExit(f"{images}: image files carry no labels: pass --metadata")
+        rows = labelled(metadata or images, read_metadata(metadata) if metadata else table_metadata(images, labels))
         layout = pattern or guess_pattern(files, rows[0])
         if "{channel}" in layout and not channels:
             channels = channel_values(files, layout)
-        sites, strays = find_sites(images, files, rows, layout, channels, on_error)
+        sites, strays = find_sites(images, files, rows, layout, channels, on_error, where)
         names, n_expected = channels, len(channels) if channels else None
     if not sites:
         raise SystemExit(f"{images}: no file matches the layout {layout}")
@@ -388,25 +546,29 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
             for k, s in enumerate(range(0, len(sites), sites_per_shard))]
     plan = dict(version=FORMAT_VERSION, images=str(images), metadata=str(metadata), layout=layout, opts=opts,
                 sites_per_shard=sites_per_shard, shards=[[files for _, files in job[2]] for job in jobs])
+    mine = jobs[(i_part - 1) * len(jobs) // n_parts:i_part * len(jobs) // n_parts]  # contiguous, by number
+    name = "index" if n_parts == 1 else f"part_{i_part}_of_{n_parts}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob("*.tmp"):  # what a killed or failed run was writing
-            leftover.unlink()
+        # What a killed or failed run of this part was writing (other parts may be writing theirs now).
+        for k in [job[1] for job in mine]:
+            for leftover in out.glob(f"shard_{k:05d}.*.tmp"):
+                leftover.unlink()
         if (out / "plan.json").exists():
             if json.loads((out / "plan.json").read_text()) != plan:
                 raise SystemExit(f"{out}: holds a prepare run with other inputs or settings; use a new --out")
         else:
             write_json(out / "plan.json", plan)
         manifests = {}
-        for job in jobs:  # resume: a shard whose manifest exists is complete, unless it skipped a file
+        for job in mine:  # resume: a shard whose manifest exists is complete, unless it skipped a file
             path = out / f"shard_{job[1]:05d}.json"
             if path.exists() and (out / f"shard_{job[1]:05d}.npy").exists():
                 manifest = json.loads(path.read_text())
                 if not manifest["skipped"]:
                     manifests[job[1]] = manifest
-        todo = [job for job in jobs if job[1] not in manifests]
-        if len(todo) < len(jobs):
-            print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
+        todo = [job for job in mine if job[1] not in manifests]
+        if len(todo) < len(mine):
+            print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
         with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
             futures = [pool.submit(prepare_shard, job) for job in todo]
             try:
@@ -425,19 +587,61 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
                 row, files = sites[site_id]
                 for t in range(tiles_per_site):
                     ty, tx = divmod(t, image_shape[1] // crop_size)
-                    index.append([k, offset, source(files[0]), ty, tx] + [row[c] for c in columns])
+                    index.append([k, offset, source(files[0]), ty, tx] + [row.get(c, "") for c in columns])
                     offset += 1
-        skipped = [s for k in sorted(manifests) for s in manifests[k]["skipped"]] + [list(s) for s in strays]
-        write_csv(out / "index.csv", ["shard", "offset", "source", "tile_y", "tile_x"] + columns, index)
-        write_csv(out / "skipped.csv", ["file", "problem"], skipped)
-        write_json(out / "meta.json", dict(
-            version=FORMAT_VERSION, channels=names, crop_size=crop_size, crops=len(index), images=sum(len(m['sites']) for m in manifests.values()),
-            skipped=len(skipped), shards=len(jobs), crops_per_shard=sites_per_shard * tiles_per_site,
-            tiles_per_image=tiles_per_site, convert=convert, layout=layout,
-            percentiles=list(percentiles) if convert in ("auto", "percentile") else None, source=str(images)))
+        skipped = [s for k in sorted(manifests) for s in manifests[k]["skipped"]] + ([list(s) for s in strays] if i_part == 1 else [])
+        meta = dict(version=FORMAT_VERSION, channels=names, crop_size=crop_size, crops=len(index),
+                    images=sum(len(m["sites"]) for m in manifests.values()), skipped=len(skipped), shards=len(jobs),
+                    crops_per_shard=sites_per_shard * tiles_per_site, tiles_per_image=tiles_per_site, convert=convert,
+                    layout=layout, percentiles=list(percentiles) if convert in ("auto", "percentile") else None,
+                    source=str(images))
+        write_csv(out / f"{name}.csv", ["shard", "offset", "source", "tile_y", "tile_x"] + columns, index)
+        write_csv(out / ("skipped.csv" if n_parts == 1 else f"{name}_skipped.csv"), ["file", "problem"], skipped)
+        if n_parts > 1:  # the mark that this part is complete: merge reads it
+            write_json(out / f"{name}.json", meta)
+            print(f"{out}: part {i_part} of {n_parts}: {len(index)} crops in {len(mine)} shards; "
+                  f"when every part is written: python data.py prepare --merge --out {out}")
+            return out
+        write_json(out / "meta.json", meta)
     except OSError as e:  # a full disk, a read-only folder: nothing half-written is left (write_atomic)
         raise SystemExit(f"{out}: cannot write ({e.strerror or e}); nothing half-written was left, rerun to finish") from None
     print(f"{out}: {len(index)} crops of {n_channels}x{crop_size}x{crop_size} in {len(jobs)} shards"
+          + (f"; skipped {len(skipped)} images, listed in {out / 'skipped.csv'}" if skipped else ""))
+    return out
+
+
+def merge(out):
+    """Join the parts of a prepare run (part_I_of_N.csv, .json) into index.csv, skipped.csv and
+    meta.json, the dataset the single run would have written, crop for crop: the parts' shards are
+    numbered in one sequence, so no pixel is copied. Refused, naming them, while parts are missing."""
+    out = Path(out)
+    done = {tuple(map(int, m.groups())): p for p in out.glob("part_*_of_*.json")
+            if (m := re.fullmatch(r"part_(\d+)_of_(\d+)\.json", p.name))}
+    counts = {n for _, n in done}
+    if len(counts) != 1:
+        raise SystemExit(f"{out}: {'no finished part' if not counts else 'parts of different --part N: ' + ', '.join(map(str, sorted(counts)))}"
+                         " (run data.py prepare --part I/N for each I, then --merge)")
+    n = counts.pop()
+    missing = [i for i in range(1, n + 1) if (i, n) not in done]
+    if missing:
+        raise SystemExit(f"{out}: part(s) {', '.join(map(str, missing))} of {n} not finished: run data.py prepare "
+                         f"with --part {missing[0]}/{n} (the same command as the others), then --merge")
+    metas = [json.loads(done[i, n].read_text()) for i in range(1, n + 1)]
+    index, skipped = [], []
+    for i in range(1, n + 1):
+        with open(out / f"part_{i}_of_{n}.csv", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            index += list(reader)
+        skipped += [list(r.values()) for r in read_csv(out / f"part_{i}_of_{n}_skipped.csv")]
+    meta = dict(metas[0], crops=len(index), images=sum(m["images"] for m in metas), skipped=len(skipped))
+    try:
+        write_csv(out / "index.csv", header, index)
+        write_csv(out / "skipped.csv", ["file", "problem"], skipped)
+        write_json(out / "meta.json", meta)
+    except OSError as e:
+        raise SystemExit(f"{out}: cannot write ({e.strerror or e}); nothing half-written was left, rerun --merge") from None
+    print(f"{out}: merged {n} parts: {len(index)} crops in {meta['shards']} shards"
           + (f"; skipped {len(skipped)} images, listed in {out / 'skipped.csv'}" if skipped else ""))
     return out
 
@@ -647,6 +851,51 @@ def bench(data, batch_size=256, steps=50, augment=True):
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
 
 
+def copy_file(paths):
+    source, target = paths
+    Path(target).parent.mkdir(exist_ok=True)
+    Path(target).write_bytes(Path(source).read_bytes())
+
+
+def bench_prepare(n_images=32, workers=2, size=2048, channels=6):
+    """prepare's images/s and MB/s (of input) on 16-bit TIFFs, against the limit of this machine's
+    disk and memory: reading the same files and writing them whole, by as many processes. Both run
+    three times, alternating, from a warm page cache, each until its writes are on disk (sync); the
+    best of each is printed."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        for i in range(n_images):
+            blobs = rng.normal(2000, 300, (channels, size // 8, size // 8)).clip(0, 65535).astype(np.uint16)
+            pixels = blobs.repeat(8, 1).repeat(8, 2) + rng.integers(0, 256, (channels, size, size), dtype=np.uint16)
+            tifffile.imwrite(tmp / "images" / f"P1_W{i:03d}_s1.tif", pixels, photometric="minisblack")
+        write_csv(tmp / "metadata.csv", ["plate", "well", "site"], [["P1", f"W{i:03d}", 1] for i in range(n_images)])
+        files = sorted((tmp / "images").iterdir())
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        times = {"copy": [], "prepare": []}
+        for attempt in range(3):
+            os.sync()  # the previous run's writes are not this one's to flush
+            start = time.perf_counter()
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(copy_file, [(f, tmp / "copy" / f.name) for f in files]))
+            os.sync()
+            times["copy"].append(time.perf_counter() - start)
+            shutil.rmtree(tmp / "copy")
+            os.sync()
+            start = time.perf_counter()
+            prepare(tmp / "images", tmp / "metadata.csv", tmp / "crops", pattern="{plate}_{well}_s{site}.tif",
+                    workers=workers, shard_size=64)
+            os.sync()
+            times["prepare"].append(time.perf_counter() - start)
+            shutil.rmtree(tmp / "crops")
+    copy, prep = min(times["copy"]), min(times["prepare"])
+    print(f"prepare: {n_images / prep:.2f} images/s, {mb / prep:.0f} MB/s | plain read and write of the same files: "
+          f"{n_images / copy:.2f} images/s, {mb / copy:.0f} MB/s | prepare at {copy / prep:.2f}x of that limit "
+          f"({n_images} images of {channels}x{size}x{size} uint16, {mb:.0f} MB, crops 256, convert auto (percentile), "
+          f"{workers} processes, {os.cpu_count()} cores)")
+
+
 def random_dataset(out, crops=2048, channels=6, size=256, seed=0):
     """A dataset of random crops written through `prepare` (for the loader benchmark)."""
     rng = np.random.default_rng(seed)
@@ -667,9 +916,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="images + metadata CSV -> shards of uint8 crops", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--images", help="folder of the images (TIFF; PNG, JPEG 2000 and compressed TIFF with imagecodecs)")
+    p.add_argument("--images", help="folder of the images (TIFF; PNG, JPEG 2000 and compressed TIFF with imagecodecs), "
+                   "or a parquet table of encoded images (or a folder of them; with pyarrow)")
     p.add_argument("--load_data", help="a CellProfiler LoadData CSV (JUMP-CP), in place of --images and --pattern")
-    p.add_argument("--metadata", required=True, help="CSV with plate, well, site and any other columns (the labels)")
+    p.add_argument("--metadata", help="CSV with plate, well, site and any other columns (the labels); None: "
+                   "the parquet table's own columns")
     p.add_argument("--out", required=True, help="folder of the prepared dataset")
     p.add_argument("--pattern", help="file path under --images, with {plate} {well} {site} (and any metadata column) and, "
                    "one file per channel, {channel}; None: recognize RxRx's and this project's layouts")
@@ -687,22 +938,39 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes; None: one per core")
     p.add_argument("--on-error", dest="on_error", choices=["raise", "skip"], default="raise",
                    help="a bad image stops the run, or is left out and listed in skipped.csv")
-    p = commands.add_parser("bench", help="loader crops/s", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--part", type=lambda s: tuple(map(int, s.split("/"))), default=(1, 1),
+                   help="I/N: only the I-th of N slices of the shards (an array job's task; the same command "
+                   "otherwise); then --merge")
+    p.add_argument("--merge", action="store_true", help="join the finished parts in --out into the dataset (alone with --out)")
+    p = commands.add_parser("bench", help="loader crops/s, or prepare's images/s", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("what", nargs="?", choices=["loader", "prepare"], default="loader",
+                   help="loader: crops/s of the training loader; prepare: images/s and MB/s of prepare on "
+                   "2048x2048x6 16-bit TIFFs against reading and writing the same files plainly")
+    p.add_argument("--images", type=int, default=32, help="prepare: 2048x2048x6 images written for the benchmark")
+    p.add_argument("--workers", type=int, default=2, help="prepare: processes, for both prepare and the plain copy")
     p.add_argument("--data", help="a prepared dataset; None: 2,048 random 256x256x6 crops in a temporary folder")
     p.add_argument("--batch_size", type=int, default=256, help="crops per batch")
     p.add_argument("--steps", type=int, default=50, help="batches timed")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="without the 8 flips/rotations")
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
-    if command == "prepare":
+    if command == "prepare" and args.pop("merge"):
+        merge(args["out"])
+    elif command == "prepare":
         if not (args["images"] or args["load_data"]):
-            parser.error("prepare needs --images (a folder) or --load_data (a LoadData CSV)")
+            parser.error("prepare needs --images (a folder or parquet) or --load_data (a LoadData CSV)")
+        if args["load_data"] and not args["metadata"]:
+            parser.error("--load_data needs --metadata (the labels, joined on plate, well, site)")
         prepare(**args)
-    elif args["data"]:
-        bench(**args)
+    elif args.pop("what") == "prepare":
+        bench_prepare(args["images"], args["workers"])
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            bench(random_dataset(tmp), **{k: v for k, v in args.items() if k != "data"})
+        loader_args = {k: args[k] for k in ("batch_size", "steps", "augment")}
+        if args["data"]:
+            bench(args["data"], **loader_args)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                bench(random_dataset(tmp), **loader_args)
 
 
 if __name__ == "__main__":

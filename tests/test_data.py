@@ -85,6 +85,23 @@ def test_percentile_conversion_is_per_image_per_channel(tmp_path):
     assert converted[0].min() == 0 and converted[0].max() == 255 and (converted[1] == 0).all()
 
 
+def test_percentiles_from_a_histogram_are_numpys_to_the_last_bit():
+    """The integer path reads percentiles off a histogram (9x faster than a sort): the same floats as
+    np.percentile for any size, spread and percentile, and a conversion equal to the per-pixel float
+    formula."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        dtype = rng.choice([np.uint8, np.uint16])
+        x = rng.integers(0, rng.choice([2, 7, 256, np.iinfo(dtype).max + 1]), int(rng.integers(1, 400))).astype(dtype)
+        q = [float(rng.choice([0, 0.1, 1, 50, 99.9, 100])), float(rng.uniform(0, 100))]
+        cumulative = np.cumsum(np.bincount(x, minlength=np.iinfo(dtype).max + 1))
+        np.testing.assert_array_equal(data.histogram_percentiles(cumulative, q), np.percentile(x, q))
+    image = rng.normal(3000, 800, (3, 64, 64)).clip(0, 65535).astype(np.uint16)
+    low, high = np.percentile(image.reshape(3, -1), [0.1, 99.9], axis=1)[:, :, None, None]
+    expected = np.clip(np.rint((image - low) / (high - low) * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(data.to_uint8(image, "percentile", (0.1, 99.9)), expected)
+
+
 def test_float_images_are_converted_by_percentile(tmp_path):
     """Float pixels (a screen exported as float32 TIFFs): --convert auto stretches each channel between
     its percentiles, as for 16-bit images."""
@@ -339,6 +356,99 @@ def test_a_jump_loaddata_csv_with_compressed_tiffs_prepares_like_the_tiffs(synth
     three = prepare(None, screen / "metadata.csv", tmp_path / "three", load_data=tmp_path / "jump" / "load_data.csv",
                     channels=["Mito", "DNA", "ER"], crop_size=32, workers=2)
     np.testing.assert_array_equal(read_back(three)[0], reference["auto"][0][:, [5, 0, 2]])
+
+
+def test_an_rxrx3_core_parquet_of_jpeg2000_prepares_like_the_tiffs(synthetic, tmp_path):
+    """RxRx3-core as its hub stores it: parquet tables written by the `datasets` library, one row per
+    channel image, a `__key__` like 'gene-001/Plate1/AC44_s1_1' and an image struct {bytes, path}
+    holding lossless 16-bit JPEG 2000; rows shuffled over two tables and small row groups (so sites are
+    read from scattered groups). The crops equal the TIFFs'."""
+    datasets = pytest.importorskip("datasets", reason="the hub's own parquet writer (tests/requirements.txt)")
+    screen, rows, reference = synthetic
+    records, labels = [], []
+    for row in rows:
+        plate = row["plate"].split("P")[1]
+        pixels = site_pixels(screen, row)
+        for c in range(6):
+            records.append({"__key__": f"{row['experiment']}/Plate{plate}/{row['well']}_s{row['site']}_{c + 1}",
+                            "jp2": {"bytes": imagecodecs.jpeg2k_encode(pixels[c], level=0), "path": None}})
+        labels.append(dict(row, plate=plate))
+    order = np.random.default_rng(0).permutation(len(records))
+    features = datasets.Features({"__key__": datasets.Value("string"), "jp2": datasets.Image()})
+    (tmp_path / "data").mkdir()
+    for k, half in enumerate(np.array_split(order, 2)):
+        table = datasets.Dataset.from_list([records[i] for i in half], features=features)
+        table.to_parquet(tmp_path / "data" / f"train-{k:05d}-of-00002.parquet", batch_size=50)
+    data.write_csv(tmp_path / "metadata.csv", list(labels[0]), [list(r.values()) for r in labels])
+    out = prepare(tmp_path / "data", tmp_path / "metadata.csv", tmp_path / "out", crop_size=32, workers=2)
+    crops, index = read_back(out)
+    np.testing.assert_array_equal(crops, reference["auto"][0])
+    assert json.loads((out / "meta.json").read_text())["layout"] == "{experiment}/Plate{plate}/{well}_s{site}_{channel}"
+    assert index[0]["source"].startswith("train-0000") and ".parquet#" in index[0]["source"]
+
+
+def test_a_parquet_with_label_columns_and_png_bytes_needs_no_metadata_csv(synthetic, tmp_path):
+    """A table written by pandas: plate, well, site, channel, the labels, and PNG bytes in a plain binary
+    column; without --metadata the table's own columns are the labels."""
+    pd = pytest.importorskip("pandas")
+    screen, rows, reference = synthetic
+    records = [dict(row, channel=c + 1, image=imagecodecs.png_encode(site_pixels(screen, row)[c]))
+               for row in rows for c in range(6)]
+    pd.DataFrame(records).to_parquet(tmp_path / "screen.parquet")
+    out = prepare(tmp_path / "screen.parquet", None, tmp_path / "out", crop_size=32, workers=2)
+    assert_same_crops(out, reference["auto"])
+    index = read_back(out)[1]
+    by_site = {(r["plate"], r["well"], r["site"]): r for r in rows}
+    assert all(r["perturbation"] == by_site[r["plate"], r["well"], r["site"]]["perturbation"] for r in index)
+    pd.DataFrame([dict(r, image=b"not an image") if i == 7 else r for i, r in enumerate(records)]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(SystemExit, match=r"bad.parquet#\d+: unreadable image"):
+        prepare(tmp_path / "bad.parquet", None, tmp_path / "bad", crop_size=32, workers=1)
+
+
+@pytest.mark.parametrize("missing,images,message", [
+    ("pyarrow", "screen.parquet", "reading parquet tables needs pyarrow: pip install pyarrow"),
+    ("imagecodecs", "images", "reading .png files needs imagecodecs: pip install imagecodecs"),
+])
+def test_a_missing_optional_reader_is_one_line_saying_what_to_install(tmp_path, missing, images, message):
+    """Run as the user would, with the package made unimportable (sys.modules[name] = None)."""
+    pd = pytest.importorskip("pandas")
+    image = imagecodecs.png_encode(np.zeros((64, 64), np.uint8))
+    pd.DataFrame([dict(plate="P1", well="B01", site=1, image=image)]).to_parquet(tmp_path / "screen.parquet")
+    (tmp_path / "images" / "P1").mkdir(parents=True)
+    (tmp_path / "images" / "P1" / "B01_s1_w1.png").write_bytes(image)
+    data.write_csv(tmp_path / "metadata.csv", ["plate", "well", "site"], [["P1", "B01", 1]])
+    run = subprocess.run([sys.executable, "-c", f"import sys; sys.modules[{missing!r}] = None; import data; data.main()",
+                          "prepare", "--images", str(tmp_path / images), "--metadata", str(tmp_path / "metadata.csv"),
+                          "--out", str(tmp_path / "out"), "--crop_size", "32"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and run.stderr.strip().splitlines()[-1].endswith(message), run.stderr
+
+
+def test_three_parts_run_at_once_then_merged_equal_one_run_and_a_killed_part_reruns_alone(synthetic, tmp_path):
+    """`--part I/3` as three processes at once into one folder (an array job on a shared filesystem),
+    part 2 killed mid-run: merge names it; rerun alone, the merge equals the single run crop for crop,
+    index and meta alike, and no pixel was copied (the parts' shards are the dataset's)."""
+    screen = synthetic[0]
+    command = [sys.executable, str(ROOT / "data.py"), "prepare", "--images", str(screen / "images"), "--metadata",
+               str(screen / "metadata.csv"), "--crop_size", "32", "--shard_size", "8", "--workers", "1"]
+    single = prepare(screen / "images", screen / "metadata.csv", tmp_path / "single", crop_size=32, shard_size=8, workers=2)
+    out = tmp_path / "parts"
+    parts = [subprocess.Popen(command + ["--out", str(out), "--part", f"{i}/3"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in (1, 2, 3)]
+    deadline = time.time() + 60  # part 2 writes shards 20..40 of 61
+    while not list(out.glob("shard_0002[5-9].json")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(parts[1].pid, signal.SIGKILL)
+    assert [p.wait() for p in parts] == [0, -signal.SIGKILL, 0], [p.stderr.read() for p in parts]
+    merge = subprocess.run(command[:3] + ["--merge", "--out", str(out)], capture_output=True, text=True)
+    assert merge.returncode == 1 and "part(s) 2 of 3 not finished: run data.py prepare with --part 2/3" in merge.stderr
+    assert not (out / "meta.json").exists()
+    subprocess.run(command + ["--out", str(out), "--part", "2/3"], check=True, capture_output=True)
+    subprocess.run(command[:3] + ["--merge", "--out", str(out)], check=True, capture_output=True)
+    for name in ("index.csv", "meta.json", "skipped.csv"):
+        assert (out / name).read_text() == (single / name).read_text().replace(str(tmp_path / "single"), str(out)), name
+    for shard in single.glob("shard_*.npy"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    assert not list(out.glob("*.tmp"))
 
 
 def test_per_channel_tiffs_are_recognized_without_a_pattern(synthetic, tmp_path):
