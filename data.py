@@ -912,6 +912,14 @@ def random_dataset(out, crops=2048, channels=6, size=256, seed=0):
 
 # ---- command line -------------------------------------------------------------------------------
 
+def part_of(text):
+    """--part: 'I/N', or 'torchrun' for each process of `torchrun --nproc_per_node=N data.py prepare ...`."""
+    if text == "torchrun":
+        return int(os.environ.get("RANK", 0)) + 1, int(os.environ.get("WORLD_SIZE", 1))
+    i, n = map(int, text.split("/"))
+    return i, n
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -938,9 +946,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes; None: one per core")
     p.add_argument("--on-error", dest="on_error", choices=["raise", "skip"], default="raise",
                    help="a bad image stops the run, or is left out and listed in skipped.csv")
-    p.add_argument("--part", type=lambda s: tuple(map(int, s.split("/"))), default=(1, 1),
+    p.add_argument("--part", type=part_of, default=(1, 1),
                    help="I/N: only the I-th of N slices of the shards (an array job's task; the same command "
-                   "otherwise); then --merge")
+                   "otherwise), or 'torchrun': RANK+1 of WORLD_SIZE; then --merge")
     p.add_argument("--merge", action="store_true", help="join the finished parts in --out into the dataset (alone with --out)")
     p = commands.add_parser("bench", help="loader crops/s, or prepare's images/s", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", nargs="?", choices=["loader", "prepare"], default="loader",

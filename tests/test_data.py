@@ -449,6 +449,12 @@ def test_three_parts_run_at_once_then_merged_equal_one_run_and_a_killed_part_rer
     for shard in single.glob("shard_*.npy"):
         assert (out / shard.name).read_bytes() == shard.read_bytes()
     assert not list(out.glob("*.tmp"))
+    # one part per process of a torchrun job
+    ranks = tmp_path / "ranks"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", *command[1:], "--out", str(ranks),
+                    "--part", "torchrun"], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(command[:3] + ["--merge", "--out", str(ranks)], check=True, capture_output=True)
+    np.testing.assert_array_equal(read_back(ranks)[0], read_back(single)[0])
 
 
 def test_per_channel_tiffs_are_recognized_without_a_pattern(synthetic, tmp_path):
