@@ -287,11 +287,12 @@ def resume_changes(path, datasets):
     return changes, info.get("history", [])
 
 
-def save_checkpoint(model, opt, step, rank, world_size, info):
+def save_checkpoint(model, opt, step, rank, world_size, info, good=None):
     """out_dir/ckpt_STEP/: sharded model + optimizer (each rank writes its part) and train.json (step,
     configs, `info`). Written as ckpt_STEP.tmp/ and renamed when complete; then `latest` names it and
-    checkpoints beyond the newest keep_ckpts are deleted. Killed at any moment, the run resumes from
-    the newest complete folder (resume_point)."""
+    checkpoints beyond the newest keep_ckpts are deleted, except `good`, the newest whose weights are
+    known to train (the new one is not known yet). Killed at any moment, the run resumes from the
+    newest complete folder (resume_point)."""
     name = f"ckpt_{step:07d}"
     final, tmp = Path(out_dir) / name, Path(out_dir) / f"{name}.tmp"
     if rank == 0:
@@ -306,7 +307,8 @@ def save_checkpoint(model, opt, step, rank, world_size, info):
         os.replace(tmp, final)
         write_atomic(Path(out_dir) / "latest", lambda f: f.write(name.encode()))
         for old in sorted(Path(out_dir).glob("ckpt_???????"))[:-keep_ckpts]:
-            shutil.rmtree(old)
+            if not (good and old.name == Path(good).name):
+                shutil.rmtree(old)
     barrier()
     return final
 
@@ -547,7 +549,7 @@ def main():
                     write_loss_curve(Path(out_dir) / "loss.png", log_path)
             if done % ckpt_interval == 0 or done == max_steps:
                 if all_finite(model):
-                    pending = save_checkpoint(model, opt, done, rank, world_size, info)
+                    pending = save_checkpoint(model, opt, done, rank, world_size, info, good)
                 elif rank == 0:
                     tqdm.write(f"step {done}: non-finite weights, no checkpoint written")
     finally:  # also on an error: the bar ends its line, the loader's thread stops before the process does

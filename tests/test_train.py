@@ -439,6 +439,18 @@ def test_a_blown_up_run_names_a_checkpoint_whose_weights_trained(dataset, tmp_pa
         assert all(torch.isfinite(v).all() for v in weights.values()), ckpt
 
 
+def test_keeping_one_checkpoint_never_deletes_the_last_good_one(dataset, tmp_path):
+    """keep_ckpts=1, a checkpoint every step, a learning rate that blows up in its warmup: the newest
+    checkpoint is not known to train when it is written, so the good one before it must stay (it
+    used to be deleted, and the stop named a checkpoint that was gone)."""
+    run = subprocess.run(command(dataset, tmp_path, max_steps=12, ckpt_interval=1, keep_ckpts=1, lr=100,
+                                 warmup_frac=0.5, max_bad_steps=2), capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    good = re.search(r"the last good checkpoint is (\S+)$", run.stderr.strip().splitlines()[-1])
+    assert good and Path(good[1]).is_dir(), run.stderr[-2000:]
+    assert all(torch.isfinite(v).all() for v in from_pretrained(good[1]).state_dict().values())
+
+
 def test_resuming_another_model_is_refused_and_changed_settings_are_recorded(dataset, tmp_path, single):
     out, _ = single
     shutil.copytree(out, tmp_path / "run")
