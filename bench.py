@@ -6,6 +6,7 @@ Speed, printed as figures.
     python bench.py lion                              # Lion's step on vitg8's shards: a loop vs foreach
     python bench.py recall --genes 20000 --dims 1664  # evaluate.py's recall vs efaar-benchmarking's
     python bench.py probe                             # probe.py's block sweep vs a naive one
+    python bench.py map                               # evaluate.py's copairs mAP vs copairs, 10k and 50k profiles
 
 1. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
    tokens/s, MFU and peak memory, read from its log. With --hf, first the step of our MAE against
@@ -26,10 +27,15 @@ Speed, printed as figures.
    naive one (re-embed the crops up to each block, scikit-learn's LogisticRegression per block and
    penalty), same model (the demo architecture, standard tokens, at --depth), same synthetic screen,
    same run.
+6. `map`: copairs' mean average precision (phenotypic activity of a JUMP-like plate map: compounds in
+   4 replicate wells, 6% DMSO) by evaluate.py and by copairs itself (benchmark-only), each side in
+   its own process under the same memory limit: seconds, peak memory, and the agreement of the APs,
+   mAPs and p-values.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -313,9 +319,83 @@ def probe_figures(depth, seed=0):
     print(f"probe.py {our_seconds:.1f} s, naive {naive_seconds:.1f} s: {naive_seconds / our_seconds:.1f}x faster")
 
 
+def map_profiles(n, dims, seed=0, replicates=4, control_fraction=0.06):
+    """A JUMP-like plate map: compounds in `replicates` wells each, DMSO in control_fraction of the wells,
+    a third of the compounds active (a shift along one of 20 directions), copairs' reference index."""
+    rng = np.random.default_rng(seed)
+    controls = int(n * control_fraction)
+    compounds = (n - controls) // replicates
+    names = np.r_[np.repeat([f"JCP{i:06d}" for i in range(compounds)], replicates), ["DMSO"] * (n - compounds * replicates)]
+    effect = np.zeros((len(names), dims))
+    active = np.flatnonzero((np.arange(len(names)) // replicates) % 3 == 0)[:compounds * replicates // 3 * 3]
+    effect[active] = rng.normal(size=(20, dims))[(active // replicates) % 20] * 0.3
+    effect[names == "DMSO"] = 0
+    features = rng.normal(size=(len(names), dims)) + effect
+    reference = np.where(names == "DMSO", np.arange(len(names)), -1)
+    return dict(compound=names, reference=reference), features
+
+
+def map_run(who, n, dims, null_size, out):
+    """One side of `bench.py map`, in its own process (its peak memory is its own): APs, mAPs and p."""
+    import resource
+    meta, features = map_profiles(n, dims)
+    design = (["compound", "reference"], [], [], ["compound", "reference"])  # copairs' phenotypic activity
+    start = time.perf_counter()
+    if who == "ours":
+        ap = evaluate.average_precision(meta, features, *design)
+        _, table = evaluate.map_benchmark(features, meta, *design, "compound", null_size)
+        groups = sorted(table)
+        maps, p = [table[g]["map"] for g in groups], [table[g]["p"] for g in groups]
+    else:
+        import pandas as pd
+        from copairs.map import average_precision, mean_average_precision
+        frame = average_precision(pd.DataFrame(meta), features, *design, progress_bar=False)
+        ap = frame["average_precision"].to_numpy()
+        table = mean_average_precision(frame, ["compound"], null_size=null_size, threshold=0.05, seed=0,
+                                       progress_bar=False).sort_values("compound")
+        maps, p = table["mean_average_precision"].to_numpy(), table["p_value"].to_numpy()
+    seconds = time.perf_counter() - start
+    np.savez(out, ap=ap, map=maps, p=p, seconds=seconds, peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+
+
+def map_figures(sizes, dims, null_size, memory_gib=16, timeout=1800):
+    """evaluate.py's copairs mAP against copairs itself, on the same maps, each side in a process of its
+    own with the same memory limit (copairs lists every pair: it fails where that does not fit)."""
+    print(f"copairs mAP (phenotypic activity), {dims} dims, null {null_size}, {os.cpu_count()} cores, "
+          f"each side limited to {memory_gib} GiB and {timeout} s")
+    print(f"{'profiles':>9} {'ours s':>8} {'GiB':>5} {'copairs s':>10} {'GiB':>5} {'speed-up':>9}  agreement")
+    for n in sizes:
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for who in ("ours", "copairs"):
+                out = Path(tmp) / f"{who}.npz"
+                limit = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({memory_gib << 30}, {memory_gib << 30}))"
+                code = f"{limit}; import bench; bench.map_run({who!r}, {n}, {dims}, {null_size}, {str(out)!r})"
+                try:
+                    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                                         text=True, timeout=timeout)
+                    results[who] = dict(np.load(out)) if run.returncode == 0 else \
+                        (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1][:60]
+                except subprocess.TimeoutExpired:
+                    results[who] = f"over {timeout} s"
+        ours, theirs = results["ours"], results["copairs"]
+        if isinstance(theirs, str):
+            print(f"{n:9d} {float(ours['seconds']):8.1f} {float(ours['peak_gib']):5.1f} {'failed':>10} {'':>5} {'':>9}  copairs: {theirs}")
+            continue
+        ap_diff = np.nanmax(np.abs(ours["ap"] - theirs["ap"]))
+        map_diff = np.max(np.abs(ours["map"] - theirs["map"]))
+        error = 4 * np.sqrt(theirs["p"] * (1 - theirs["p"]) / null_size) + 2 / null_size
+        within = np.mean(np.abs(ours["p"] - theirs["p"]) <= error)
+        print(f"{n:9d} {float(ours['seconds']):8.1f} {float(ours['peak_gib']):5.1f} {float(theirs['seconds']):10.1f} "
+              f"{float(theirs['peak_gib']):5.1f} {float(theirs['seconds']) / float(ours['seconds']):8.1f}x  AP max diff {ap_diff:.1e}, "
+              f"mAP max diff {map_diff:.1e}, p within 4 s.e. of copairs' for {within:.1%} of {len(ours['p'])} compounds")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe"], help="which figures")
+    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe", "map"], help="which figures")
+    parser.add_argument("--profiles", default="10000,50000", help="map: comma-separated profile counts")
+    parser.add_argument("--null_size", type=int, default=10000, help="map: null draws of the p-values")
     parser.add_argument("--depth", type=int, default=12, help="probe: blocks of the model")
     parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
     parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
@@ -330,7 +410,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.suite != "train":
         {"gpu": gpu_figures, "lion": lambda: lion_figures("vitg8", args.world_size),
-         "recall": lambda: recall_figures(args.genes, args.dims), "probe": lambda: probe_figures(args.depth)}[args.suite]()
+         "recall": lambda: recall_figures(args.genes, args.dims), "probe": lambda: probe_figures(args.depth),
+         "map": lambda: map_figures([int(n) for n in args.profiles.split(",")], args.dims if args.dims != 1664 else 384,
+                                    args.null_size)}[args.suite]()
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -614,9 +614,146 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
     return result, p_values
 
 
+# ---- mean average precision (copairs; Kalinin et al., Nat Commun 2025) --------------------------------
+
+def pair_codes(meta, columns):
+    """Each named column of `meta` (a dict of equal-length arrays, or a pandas DataFrame) as integer
+    codes, [rows, columns]."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    missing = [c for c in columns if c not in meta]
+    if missing:
+        raise SystemExit(f"mAP: no metadata column {', '.join(missing)}")
+    rows = len(next(iter(meta.values()))) if isinstance(meta, dict) else len(meta)
+    codes = [np.unique(np.asarray(meta[c]).astype(str), return_inverse=True)[1].reshape(-1) for c in columns]
+    return np.stack(codes, 1) if codes else np.zeros((rows, 0), np.int64)
+
+
+def pair_mask(codes_same, codes_diff, rows, cols):
+    """[len(rows), len(cols)]: the pairs equal on every `same` column and different on every `diff` one."""
+    mask = np.ones((len(rows), len(cols)), bool)
+    for c in range(codes_same.shape[1]):
+        mask &= codes_same[rows, c][:, None] == codes_same[cols, c][None, :]
+    for c in range(codes_diff.shape[1]):
+        mask &= codes_diff[rows, c][:, None] != codes_diff[cols, c][None, :]
+    return mask & (rows[:, None] != cols[None, :])
+
+
+def average_precisions(meta, feats, pos_sameby, pos_diffby, neg_sameby, neg_diffby, rows_per_block=512,
+                       budget=2 ** 25):
+    """Per row: its AP, positive-pair count and ranked-list length (see average_precision). A block of
+    rows at a time, against only the profiles that pair with one of them, so memory is bounded by the
+    block, never the n x n pairs (copairs lists every pair: it ran out of memory at 9,216 profiles).
+    A positive's place in its row's ranking is its rank among the positives plus the negatives
+    strictly closer (copairs sorts by 1 - cosine in float32, stably, positives first: a tie goes to
+    the positive)."""
+    feats = np.asarray(feats, np.float64)
+    pos_same, pos_diff = pair_codes(meta, pos_sameby), pair_codes(meta, pos_diffby)
+    neg_same, neg_diff = pair_codes(meta, neg_sameby), pair_codes(meta, neg_diffby)
+    if len(pos_same) != len(feats):
+        raise SystemExit(f"mAP: {len(pos_same)} metadata rows for {len(feats)} profiles")
+    if not np.isfinite(feats).all():
+        raise SystemExit("mAP: profiles with NaN or inf features")
+    unit = torch.from_numpy(feats / np.linalg.norm(feats, axis=1, keepdims=True))
+    n = len(feats)
+    ap, n_pos, n_total = np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    everyone = np.arange(n)
+    for start in range(0, n, rows_per_block):
+        rows = everyone[start:start + rows_per_block]
+        positive = pair_mask(pos_same, pos_diff, rows, everyone)
+        negative = pair_mask(neg_same, neg_diff, rows, everyone)
+        n_pos[rows], n_total[rows] = positive.sum(1), positive.sum(1) + negative.sum(1)
+        ranked = np.flatnonzero(positive.any(1))
+        if not len(ranked):
+            continue
+        cols = np.flatnonzero((positive[ranked] | negative[ranked]).any(0))
+        step = max(1, budget // (len(cols) * max(1, int(n_pos[rows].max()))))
+        for s in range(0, len(ranked), step):  # a sub-block whose comparisons fit the budget
+            r = ranked[s:s + step]
+            distance = 1 - (unit[rows[r]] @ unit[cols].T).float()  # copairs keeps similarities as float32
+            pos, neg = torch.from_numpy(positive[r][:, cols]), torch.from_numpy(negative[r][:, cols])
+            m = pos.sum(1)
+            closest = torch.where(pos, distance, torch.inf).topk(int(m.max()), 1, largest=False).values
+            below = (torch.where(neg, distance, torch.inf)[:, None, :] < closest[:, :, None]).sum(-1)
+            k = torch.arange(1, closest.shape[1] + 1, dtype=torch.float64)
+            below = below.double()
+            precision = torch.where(k <= m[:, None], k / (k + below), 0)
+            ap[rows[r]] = (precision.sum(1) / m).numpy()
+    return ap, n_pos, n_total
+
+
+def average_precision(meta, feats, pos_sameby, pos_diffby, neg_sameby, neg_diffby):
+    """copairs' average precision, by cosine similarity: for each profile (row of feats [n, d], its
+    metadata in `meta`, a table addressed by column name), the AP of ranking its positive pairs
+    (the profiles equal to it on every pos_sameby column and different on every pos_diffby one)
+    above its negative pairs (equal on neg_sameby, different on every neg_diffby column). Returns one
+    AP per row, in row order; NaN where a row has no positive pair. The same numbers as copairs 0.5.5
+    (tests/test_evaluate.py runs it)."""
+    return average_precisions(meta, feats, pos_sameby, pos_diffby, neg_sameby, neg_diffby)[0]
+
+
+def null_average_precisions(n_pos, n_total, null_size, rng, chunk=2 ** 22):
+    """null_size APs of rankings whose n_pos positives sit at uniformly random places among n_total."""
+    out = np.empty(null_size)
+    k = np.arange(1, n_pos + 1)
+    step = max(1, chunk // n_total)
+    for s in range(0, null_size, step):
+        m = min(step, null_size - s)
+        if n_pos * n_pos < n_total:  # few positives: draw n_pos places, redraw the samples with a repeat
+            places = np.sort(rng.integers(0, n_total, (m, n_pos)), 1)
+            while (repeat := (np.diff(places, axis=1) == 0).any(1)).any():
+                places[repeat] = np.sort(rng.integers(0, n_total, (repeat.sum(), n_pos)), 1)
+        else:  # the n_pos smallest of n_total random keys: a uniform subset
+            places = np.sort(np.argpartition(rng.random((m, n_total)), n_pos - 1, axis=1)[:, :n_pos], 1)
+        out[s:s + m] = np.mean(k / (places + 1), axis=1)
+    return out
+
+
+def benjamini_hochberg(p):
+    """Benjamini-Hochberg adjusted p-values (q-values), NaN kept as NaN."""
+    p = np.asarray(p, np.float64)
+    q, ok = np.full(len(p), np.nan), np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    scaled = p[order] * len(order) / np.arange(1, len(order) + 1)
+    q[order] = np.minimum(1, np.minimum.accumulate(scaled[::-1])[::-1])
+    return q
+
+
+def mean_average_precision(ap, n_pos, n_total, groups, null_size=10000, seed=0):
+    """mAP per group of rows (the rows with an AP), with copairs' permutation p-value: the fraction of a
+    null of the group's mean AP at or above it, the null of each row drawn for its (positives, list
+    length), one draw shared by the rows alike in those (as copairs does); (count + 1) / (null_size +
+    1), so no p is below 1 / (null_size + 1). Returns {group: (mAP, p)} and the BH q-values in the same
+    order."""
+    ok = ~np.isnan(ap) & (n_pos > 0)
+    configs, config_of = np.unique(np.stack([n_pos[ok], n_total[ok]], 1), axis=0, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    nulls = np.stack([null_average_precisions(int(m), int(t), null_size, rng) for m, t in configs]) if len(configs) else None
+    names, group_of = np.unique(np.asarray(groups).astype(str)[ok], return_inverse=True)
+    result = {}
+    for g, name in enumerate(names):
+        members = np.flatnonzero(group_of.reshape(-1) == g)
+        score = float(ap[ok][members].mean())
+        null = nulls[config_of.reshape(-1)[members]].mean(0)
+        result[name] = (score, float(((null > score).sum() + 1) / (null_size + 1)))
+    return result, benjamini_hochberg([p for _, p in result.values()])
+
+
+def map_benchmark(profiles, meta, pos_sameby, pos_diffby, neg_sameby, neg_diffby, group_by, null_size=10000,
+                  threshold=0.05, seed=0):
+    """AP per profile, mAP per group with p and q; the summary: mean mAP and the fraction of groups
+    whose q is below threshold (copairs' 'retrieved')."""
+    ap, n_pos, n_total = average_precisions(meta, profiles, pos_sameby, pos_diffby, neg_sameby, neg_diffby)
+    per_group, q = mean_average_precision(ap, n_pos, n_total, np.asarray(meta[group_by]), null_size, seed)
+    table = {g: dict(map=m, p=p, q=float(qv)) for (g, (m, p)), qv in zip(per_group.items(), q)}
+    summary = dict(groups=len(table), mean_map=float(np.mean([t["map"] for t in table.values()])) if table else float("nan"),
+                   retrieved=float(np.mean([t["q"] < threshold for t in table.values()])) if table else float("nan"),
+                   threshold=threshold, null_size=null_size, p_resolution=1 / (null_size + 1))
+    return summary, table
+
+
 # ---- compound-gene activity ----------------------------------------------------------------------
 
-def average_precision(scores, positive):
+def average_precision_score(scores, positive):
     """Area under the precision-recall step curve, ties handled as one threshold (scikit-learn's
     average_precision_score)."""
     order = np.argsort(-scores, kind="stable")
@@ -662,8 +799,8 @@ def compound_gene_activity(compound_features, compound_names, gene_features, gen
         negatives = rng.choice(pool, min(len(pool), max(2 * len(positives), 20)), replace=False)
         ids = np.r_[positives, negatives]
         y = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
-        ap = average_precision(score[ids], y)
-        random_ap = [average_precision(rng.random(len(ids)), y) for _ in range(random_repeats)]
+        ap = average_precision_score(score[ids], y)
+        random_ap = [average_precision_score(rng.random(len(ids)), y) for _ in range(random_repeats)]
         per_compound[c] = dict(ap=ap, roc_auc=roc_auc(score[ids], y), random_ap=float(np.mean(random_ap)),
                                z=float((ap - np.mean(random_ap)) / (np.std(random_ap) + 1e-12)),
                                positives=len(positives), negatives=len(negatives))
@@ -744,6 +881,19 @@ def read_embeddings(path, metadata):
     return features, wells
 
 
+def read_groups(path):
+    """{group: [perturbations]} from a CSV with perturbation and group columns (a perturbation may be in several)."""
+    if not path:
+        return None
+    rows = data.read_metadata(path)
+    if not {"perturbation", "group"} <= set(rows[0]):
+        raise SystemExit(f"{path}: needs columns perturbation and group")
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r["perturbation"])
+    return groups
+
+
 def read_lines(path):
     return [line.strip() for line in open(path) if line.strip()] if path else []
 
@@ -782,7 +932,7 @@ def check_map(features, wells, chunk=65536):
 def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col="plate", perturbation_col="perturbation",
              control="non-targeting", aggregate_method="mean", annotations=None, sources=SOURCES,
              null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
-             settings=None):
+             settings=None, groups=None, null_size=10000):
     """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
     metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
     check_map(features, wells)
@@ -839,6 +989,22 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     report["consistency"] = consistency
     clusters_summary, clusters = cluster_benchmark(gene_map, gene_names, tables)
     report["clusters"] = dict(clusters_summary, per_cluster=clusters)
+    report["map"] = {}
+    # copairs' phenotypic activity: each perturbation's replicate wells against the control wells
+    reference = np.where(perturbation == control, np.arange(len(perturbation)).astype(str), "-1")  # copairs' reference index
+    report["map"]["activity"], activity = map_benchmark(
+        aligned, dict(perturbation=replicates, reference=reference), ["perturbation", "reference"], [], [],
+        ["perturbation", "reference"], "perturbation", null_size)
+    # ... and phenotypic consistency: perturbations sharing a group label (--groups; CORUM complexes by default)
+    membership = [(g, n) for g, names in (groups or corum_complexes(tables)).items() for n in names]
+    index_of = {n: i for i, n in enumerate(gene_names)}
+    membership = [(g, n) for g, n in membership if n in index_of]
+    consistency_table = {}
+    if membership:
+        report["map"]["consistency"], consistency_table = map_benchmark(
+            gene_map[[index_of[n] for _, n in membership]], dict(group=[g for g, _ in membership], perturbation=[n for _, n in membership]),
+            ["group"], ["perturbation"], [], ["group", "perturbation"], "group", null_size)
+        report["map"]["consistency"]["groups_from"] = "--groups" if groups else "CORUM complexes"
     compounds = kind == "compound"
     if compound_activity and compounds.any():
         names, compound_map = aggregate(aligned[np.flatnonzero(compounds)], replicates[compounds], aggregate_method)
@@ -849,6 +1015,9 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     report["seconds"] = round(time.perf_counter() - started, 1)
     data.write_json(out / "report.json", report)
     data.write_csv(out / "consistency.csv", ["perturbation", "p_value"], sorted(p_values.items()))
+    for name, table in (("map_activity.csv", activity), ("map_consistency.csv", consistency_table)):
+        data.write_csv(out / name, ["group", "mean_average_precision", "p_value", "q_value"],
+                       [[g, t["map"], t["p"], t["q"]] for g, t in table.items()])
     text = summary_table(report)
     data.write_atomic(out / "report.md", lambda f: f.write(text.encode()))
     print(text)
@@ -873,6 +1042,10 @@ def summary_table(report):
     lines += ["", "| replicate consistency | value |", "|---|---|",
               f"| fraction p < 0.01 ({c['n_perturbations']} perturbations; null: {c['null']}) | {c['fraction_p_below_0.01']:.3f} |"]
     lines += [f"| {k} | {c[k]:.3f} |" for k in ("ks", "cvm", "ks_cross_batch", "cvm_cross_batch") if k in c]
+    lines += ["", "| mAP (copairs) | groups | mean mAP | retrieved (q < 0.05) |", "|---|---|---|---|"]
+    for name, m in report["map"].items():
+        what = "activity: replicates vs controls" if name == "activity" else f"consistency: {m['groups_from']}"
+        lines.append(f"| {what} | {m['groups']} | {m['mean_map']:.3f} | {m['retrieved']:.3f} |")
     k = report["clusters"]
     if k["n_clusters"]:
         lines += ["", f"CORUM clusters (>= 10 genes in the map): {k['n_clusters']}, mean KS {k['ks']:.3f}, "
@@ -909,6 +1082,9 @@ def main(argv=None):
     parser.add_argument("--chromosome_arms", help="CSV: gene, arm (proximity-bias correction of CRISPR maps)")
     parser.add_argument("--drop", type=lambda s: s.split(","), default=[], help="perturbations to leave out")
     parser.add_argument("--min_wells", type=int, default=1, help="drop perturbations seen in fewer wells")
+    parser.add_argument("--groups", help="CSV: perturbation, group (e.g. complexes, pathways, targets) for mAP consistency; "
+                        "None: CORUM complexes")
+    parser.add_argument("--null_size", type=int, default=10000, help="null draws of the mAP p-values (p resolution 1/(n+1))")
     parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds")
     args = parser.parse_args(argv)
@@ -944,7 +1120,7 @@ def main(argv=None):
                     control=args.control, sources=args.sources, min_wells=args.min_wells, drop=args.drop)
     evaluate(features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
              args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity,
-             args.chromosome_arms, args.drop, args.min_wells, settings)
+             args.chromosome_arms, args.drop, args.min_wells, settings, read_groups(args.groups), args.null_size)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,7 @@ def test_average_precision_and_auc_match_scikit_learn():
         y = rng.random(40) < 0.3
         y[0] = True
         scores = np.round(rng.random(40), 1)  # ties
-        assert evaluate.average_precision(scores, y) == pytest.approx(sklearn_metrics.average_precision_score(y, scores))
+        assert evaluate.average_precision_score(scores, y) == pytest.approx(sklearn_metrics.average_precision_score(y, scores))
         assert evaluate.roc_auc(scores, y) == pytest.approx(sklearn_metrics.roc_auc_score(y, scores))
 
 
@@ -561,3 +561,103 @@ def test_rows_kept_are_the_rows_asked_for():
     x = np.arange(12.0).reshape(6, 2)
     assert evaluate._rows(x, np.arange(6)) is x  # all kept: the memory map itself, no copy
     np.testing.assert_array_equal(evaluate._rows(x, np.array([1, 4])), x[[1, 4]])
+
+
+# ---- copairs mAP --------------------------------------------------------------------------------------
+
+def screen_profiles(seed, n=600, dims=16):
+    """Profiles of 60 compounds and DMSO on 3 plates, the compounds in 5 phenotype classes of which
+    two are strong, three faint."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(seed)
+    meta = pd.DataFrame(dict(compound=rng.choice([f"c{i}" for i in range(60)] + ["DMSO"] * 20, n),
+                             plate=rng.choice(["p1", "p2", "p3"], n)))
+    phenotype = np.array([int(c[1:]) % 5 + 1 if c != "DMSO" else 0 for c in meta.compound])
+    feats = rng.normal(size=(n, dims)) + np.where(phenotype < 3, 2.0, 0.5)[:, None] * (phenotype[:, None] == np.arange(dims) % 6)
+    meta["reference"] = np.where(meta.compound == "DMSO", np.arange(n), -1)  # copairs' assign_reference_index
+    meta["moa"] = [f"moa{p}" for p in phenotype]
+    return meta, feats
+
+
+COPAIRS_DESIGNS = {  # pos_sameby, pos_diffby, neg_sameby, neg_diffby, as the copairs docs set them
+    "activity": (["compound", "reference"], [], [], ["compound", "reference"]),
+    "replicates across plates": (["compound"], ["plate"], ["plate"], ["compound"]),
+    "consistency": (["moa"], ["compound"], [], ["moa", "compound"]),
+}
+
+
+@pytest.mark.parametrize("design", COPAIRS_DESIGNS)
+def test_average_precision_is_copairs(design):
+    """Every profile's AP as copairs 0.5.5 computes it (to 1e-9), NaN on the same rows, with the metadata
+    as a pandas DataFrame or a dict of arrays; the pair counts too."""
+    copairs_map = pytest.importorskip("copairs.map", reason="copairs is the reference (tests/requirements.txt)")
+    for seed in range(3):
+        meta, feats = screen_profiles(seed)
+        expected = copairs_map.average_precision(meta, feats, *COPAIRS_DESIGNS[design], progress_bar=False)
+        ours = evaluate.average_precision({c: meta[c].to_numpy() for c in meta}, feats, *COPAIRS_DESIGNS[design])
+        np.testing.assert_array_equal(np.isnan(ours), expected["average_precision"].isna())
+        np.testing.assert_allclose(ours, expected["average_precision"], rtol=0, atol=1e-9)
+        _, n_pos, n_total = evaluate.average_precisions(meta, feats, *COPAIRS_DESIGNS[design])
+        np.testing.assert_array_equal(n_pos, expected["n_pos_pairs"])
+        np.testing.assert_array_equal(n_total, expected["n_total_pairs"])
+
+
+def test_ties_rank_positives_first_as_copairs_does():
+    """Duplicate profiles tie exactly: copairs' stable sort puts the positive first."""
+    copairs_map = pytest.importorskip("copairs.map")
+    meta, feats = screen_profiles(0, n=120)
+    feats[1::3] = feats[0::3][:len(feats[1::3])]  # every third profile repeated
+    args = COPAIRS_DESIGNS["activity"]
+    expected = copairs_map.average_precision(meta, feats, *args, progress_bar=False)["average_precision"]
+    np.testing.assert_allclose(evaluate.average_precision(meta, feats, *args), expected, rtol=0, atol=1e-9)
+
+
+def test_mean_average_precision_p_and_q_are_copairs_within_monte_carlo_error():
+    """mAP per compound equal to copairs'; p within 4 standard errors of copairs' (both Monte Carlo with
+    5,000 draws); q is Benjamini-Hochberg's (scipy's false_discovery_control); no p below 1/(n+1)."""
+    copairs_map = pytest.importorskip("copairs.map")
+    meta, feats = screen_profiles(1)
+    args, null_size = COPAIRS_DESIGNS["activity"], 5000
+    expected = copairs_map.mean_average_precision(copairs_map.average_precision(meta, feats, *args, progress_bar=False),
+                                                  ["compound"], null_size=null_size, threshold=0.05, seed=0, progress_bar=False)
+    summary, table = evaluate.map_benchmark(feats, meta, *args, "compound", null_size=null_size, seed=1)
+    assert sorted(table) == sorted(expected["compound"])
+    for _, row in expected.iterrows():
+        ours = table[row.compound]
+        assert ours["map"] == pytest.approx(row.mean_average_precision, abs=1e-9)
+        error = 4 * math.sqrt(row.p_value * (1 - row.p_value) / null_size) + 2 / null_size
+        assert abs(ours["p"] - row.p_value) <= error, (row.compound, ours["p"], row.p_value)
+        assert ours["p"] >= 1 / (null_size + 1)
+    p = np.array([t["p"] for t in table.values()])
+    np.testing.assert_allclose([t["q"] for t in table.values()], scipy_stats.false_discovery_control(p), rtol=1e-12)
+    assert summary["retrieved"] == np.mean([t["q"] < 0.05 for t in table.values()]) and 0 < summary["retrieved"] < 1
+
+
+def test_the_report_scores_activity_and_consistency_by_map(tmp_path, annotations):
+    """The pipeline's report carries copairs' two benchmarks: activity of every perturbation against
+    the controls, consistency of --groups; a group planted alike is retrieved, a random one is not."""
+    args = degenerate_inputs(tmp_path, annotations, "fine")
+    genes = annotated_genes(annotations)[:40]
+    x = np.load(tmp_path / "x.npy")
+    x[[i for i in range(len(x)) if i % 46 < 8]] += 3 * np.eye(8)[0]  # genes 0..7 alike, on both plates
+    np.save(tmp_path / "x.npy", x)
+    data.write_csv(tmp_path / "groups.csv", ["perturbation", "group"],
+                   [[g, "planted"] for g in genes[:8]] + [[g, "random"] for g in genes[20:28]] + [[g, "other"] for g in genes[28:]])
+    evaluate.main(args + ["--groups", str(tmp_path / "groups.csv"), "--null_size", "2000", "--align", "centerscale"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["map"]["activity"]["groups"] == 40 and report["map"]["consistency"]["groups_from"] == "--groups"
+    table = {r["group"]: r for r in data.read_csv(tmp_path / "out" / "map_consistency.csv")}
+    assert float(table["planted"]["q_value"]) < 0.05 < float(table["random"]["q_value"])
+    assert "| consistency: --groups | 3 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("n_pos,n_total", [(3, 200), (12, 30), (1, 2)])
+def test_the_null_of_an_ap_is_copairs_in_distribution(n_pos, n_total):
+    """Random rankings of n_pos positives among n_total, by either sampler (few positives: draws with
+    repeats redrawn; many: the smallest of random keys): the same law as copairs' random_ap (a
+    two-sample KS test on 20,000 draws each)."""
+    copairs_compute = pytest.importorskip("copairs.compute")
+    ours = evaluate.null_average_precisions(n_pos, n_total, 20000, np.random.default_rng(0), chunk=5000)
+    theirs = copairs_compute.random_ap(20000, n_pos, n_total, seed=0)
+    assert scipy_stats.ks_2samp(ours, theirs).pvalue > 1e-3
+    assert ours.mean() == pytest.approx(float(theirs.mean()), abs=4 * float(theirs.std()) / math.sqrt(20000) + 1e-6)
