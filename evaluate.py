@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -47,40 +48,83 @@ def well_table(dataset):
     return well_of_crop.reshape(-1), [{c: rows[i][c] for c in columns} for i in first]
 
 
+def torchrun_rank():
+    """(rank, world size) of this process: under torchrun its process group is started here (NCCL with
+    GPUs, else gloo); a plain run is (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_device(device):
+    """torchrun's processes embed on their own GPU (LOCAL_RANK), not all on the first."""
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == "cuda" else device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 @torch.no_grad()
-def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu"):
+def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_dtype=np.float16):
     """Average encode(crops) -> [K, B, D] (e.g. model.embed(x, blocks): K blocks from ONE pass) over
-    each well's crops. Written as float16 [K, wells, D] to out_path (memory-mappable, under a temporary
-    name until complete): only one batch of crops and one partial well are ever in memory. Returns the
-    memory map and the wells' metadata rows."""
+    each well's crops. Written as store_dtype [K, wells, D] to out_path (memory-mappable, under a
+    temporary name until complete): only one batch of crops and one partial well are ever in memory.
+    Under torchrun each rank embeds a contiguous run of whole wells (as many crops each as the ranks
+    share evenly) and writes their means into the one file, so the ranks' sums never meet and the
+    result is the one-process result (up to the batches' float rounding). Returns the memory map and
+    the wells' metadata rows."""
+    rank, world_size = torchrun_rank()
     well_of_crop, wells = well_table(dataset)
     order = np.argsort(well_of_crop, kind="stable")   # crops of a well are consecutive
-    counts = np.bincount(well_of_crop)
+    counts = np.bincount(well_of_crop, minlength=len(wells))
     ends = np.cumsum(counts)                           # position in `order` after each well's last crop
+    owner = np.minimum((ends - counts) * world_size // len(order), world_size - 1)  # the rank of each well
+    mine = np.flatnonzero(owner == rank)
     device = torch.device(device)
-    tmp, out = Path(f"{out_path}.tmp.npy"), None
+    encode_batch = lambda ids: encode(torch.from_numpy(dataset.crops(ids)).to(device)).float()
+    tmp = Path(f"{out_path}.tmp.npy")
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        blocks, _, dims = encode_batch(order[:1]).shape  # the file's shape, known to every rank alike
+    if rank == 0:
+        np.lib.format.open_memmap(tmp, "w+", store_dtype, (blocks, len(wells), dims)).flush()
+    barrier()
+    out = np.lib.format.open_memmap(tmp, "r+")
+    offset = int(ends[mine[0]] - counts[mine[0]]) if len(mine) else 0  # where this rank's crops start in `order`
+    span = order[offset:ends[mine[-1]]] if len(mine) else order[:0]
     carry = None                                       # (well, summed embeddings [K, D]) of a well cut by a batch
-    for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch"):
-        ids = order[start:start + batch_size]
-        x = torch.from_numpy(dataset.crops(ids)).to(device)
+    for start in tqdm(range(0, len(span), batch_size), desc="embed", unit="batch", disable=rank != 0):
+        ids = span[start:start + batch_size]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            z = encode(x).float()                      # [K, B, D]
-        if out is None:
-            out = np.lib.format.open_memmap(tmp, "w+", np.float16, (z.shape[0], len(wells), z.shape[2]))
+            z = encode_batch(ids)                      # [K, B, D]
         w = torch.from_numpy(well_of_crop[ids])
         first = int(w[0])
         sums = torch.zeros(z.shape[0], int(w[-1]) - first + 1, z.shape[2], device=device)
         sums.index_add_(1, (w - first).to(device), z)
         if carry is not None and carry[0] == first:
             sums[:, 0] += carry[1]
-        done = sums.shape[1] - int(ends[int(w[-1])] > start + len(ids))  # is the last well complete?
+        done = sums.shape[1] - int(ends[int(w[-1])] > offset + start + len(ids))  # is the last well complete?
         means = sums[:, :done] / torch.from_numpy(counts[first:first + done]).to(device)[None, :, None]
-        out[:, first:first + done] = means.half().cpu().numpy()
+        out[:, first:first + done] = means.cpu().numpy().astype(store_dtype)
         carry = (first + done, sums[:, done]) if done < sums.shape[1] else None
     out.flush()
     del out
-    tmp.replace(out_path)
+    barrier()  # every rank's wells are written
+    if rank == 0:
+        tmp.replace(out_path)
+    barrier()
     return np.load(out_path, mmap_mode="r"), wells
+
+
+def finish_embedding():
+    """After the embedding, only rank 0 goes on (the benchmarks are one process's work); True there."""
+    rank, world_size = torchrun_rank()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return rank == 0
 
 
 # ---- Align: per batch, on the control wells -----------------------------------------------------
@@ -1101,8 +1145,9 @@ def main(argv=None):
         features = features[block - 1]
     elif args.data and (args.ckpt or args.features):
         dataset = data.CropDataset(args.data)
+        device = rank_device(args.device)
         if args.ckpt:
-            model = mae.from_pretrained(args.ckpt, args.device).eval()
+            model = mae.from_pretrained(args.ckpt, device).eval()
             block = args.block or len(model.blocks)
             if not 1 <= block <= len(model.blocks):
                 parser.error(f"--block {block}: {args.ckpt} has blocks 1..{len(model.blocks)}")
@@ -1111,7 +1156,9 @@ def main(argv=None):
         else:
             encode = lambda x: handcrafted_features(x.cpu())[None].to(x.device)
             described = "hand-crafted features"
-        features, wells = embed_wells(encode, dataset, out / "embeddings.npy", args.batch_size, args.device)
+        features, wells = embed_wells(encode, dataset, out / "embeddings.npy", args.batch_size, device)
+        if not finish_embedding():
+            return None
         features = features[0]
         data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
     else:

@@ -42,12 +42,14 @@ def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu"):
     if cached.exists() and json.loads(cached.read_text())["source"] == source:
         print(f"block features from the cache {out / 'features.npy'}")
         return np.load(out / "features.npy", mmap_mode="r"), data.read_csv(out / "wells.csv")
+    device = evaluate.rank_device(device)
     model = mae.from_pretrained(ckpt, device).eval()
     blocks = list(range(1, len(model.blocks) + 1))
     features, wells = evaluate.embed_wells(lambda x: model.embed(x, blocks), data.CropDataset(dataset_root),
                                            out / "features.npy", batch_size, device)
-    data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
-    data.write_json(cached, dict(source=source, blocks=blocks, shape=list(features.shape)))
+    if evaluate.torchrun_rank()[0] == 0:
+        data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+        data.write_json(cached, dict(source=source, blocks=blocks, shape=list(features.shape)))
     return features, wells
 
 
@@ -203,8 +205,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if args.ckpt:
+    if args.ckpt:  # under torchrun every rank embeds its share; rank 0 alone goes on to the probes
         features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
+        if not evaluate.finish_embedding():
+            return None
     else:
         features, wells = evaluate.read_embeddings(args.embeddings, args.metadata)
     depth = features.shape[0]

@@ -2,6 +2,7 @@
 synthetic screen with a really trained model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import data
 import synth
 import model as mae
+import evaluate
 import probe
 
 sklearn_linear = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is a test-only dependency")
@@ -144,3 +146,49 @@ def test_block_search_trained_beats_untrained_and_trims(trained, capsys):
     again = probe.main(["--ckpt", str(trained / "run" / "model.pt"), "--out", str(trained / "p1")] + common)
     assert "from the cache" in capsys.readouterr().out
     assert (trained / "p1" / "features.npy").stat().st_mtime_ns == before and again["best_block"] == ours["best_block"]
+
+
+# ---- embedding under torchrun ----------------------------------------------------------------------------
+
+def torchrun(nproc, *args):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+                         capture_output=True, text=True, timeout=600, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_ranks_share_the_embedding_and_their_wells_equal_one_process(trained, tmp_path):
+    """2 and 3 gloo processes each embed a run of whole wells into one file: the float32 well means equal
+    one process's to 1e-6 (the ranks' batches differ, so only the rounding may); each rank encodes
+    only its share of the crops (counted); probe.py runs unchanged under torchrun and finds what one
+    process finds."""
+    script = tmp_path / "embed.py"
+    script.write_text("\n".join([
+        "import sys, numpy as np, data, evaluate, model as mae",
+        "m = mae.from_pretrained(sys.argv[1]).eval()",
+        "blocks, seen = list(range(1, len(m.blocks) + 1)), []",
+        "encode = lambda x: seen.append(len(x)) or m.embed(x, blocks)",
+        "evaluate.embed_wells(encode, data.CropDataset(sys.argv[2]), sys.argv[3], 50, store_dtype=np.float32)",
+        "open(f'{sys.argv[3]}.rank{evaluate.torchrun_rank()[0]}', 'w').write(str(sum(seen) - 1))",  # less the shape probe
+    ]))
+    model, crops = str(trained / "run" / "model.pt"), str(trained / "crops")
+    total = len(data.CropDataset(crops))
+    torchrun(1, str(script), model, crops, str(tmp_path / "one.npy"))
+    one = np.load(tmp_path / "one.npy")
+    for nproc in (2, 3):
+        torchrun(nproc, str(script), model, crops, str(tmp_path / f"{nproc}.npy"))
+        np.testing.assert_allclose(np.load(tmp_path / f"{nproc}.npy"), one, rtol=0, atol=1e-6)
+        shares = [int((tmp_path / f"{nproc}.npy.rank{r}").read_text()) for r in range(nproc)]
+        assert sum(shares) == total and max(shares) <= total / nproc + 20, shares  # whole wells of 4 crops
+    # probe.py itself, under torchrun: the same cache and the same curve as one process
+    common = ["--ckpt", model, "--data", crops, "--task", "group", "--groups", str(trained / "groups.csv")]
+    torchrun(2, "probe.py", *common, "--out", str(tmp_path / "p2"))
+    single = probe.main(common + ["--out", str(tmp_path / "p1")])
+    np.testing.assert_allclose(np.load(tmp_path / "p2" / "features.npy").astype(np.float32),
+                               np.load(tmp_path / "p1" / "features.npy").astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert (tmp_path / "p2" / "probe.csv").read_text().splitlines()[0] == (tmp_path / "p1" / "probe.csv").read_text().splitlines()[0]
+    assert json.loads((tmp_path / "p2" / "probe.json").read_text())["best_block"] == single["best_block"]
