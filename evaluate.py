@@ -598,7 +598,7 @@ def matched_null(features, signature, wells_of, groups, rng):
 
 
 def replicate_consistency(features, perturbations, batches, null_perturbations=(), control="non-targeting",
-                          null_groups=1000, pairs=200_000, seed=0):
+                          null_groups=1000, pairs=200_000, seed=0, threshold=0.01):
     """Are a perturbation's replicate wells more alike than chance?
 
     Per perturbation (controls and null perturbations excluded), the mean pairwise cosine of its wells,
@@ -608,7 +608,8 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
     (`null_groups` per batch signature, fixed seed): replicates that share a plate share its leftover
     plate effect, and so must the null, or that effect passes for consistency. Also the KS and
     Cramer-von Mises statistics of replicate-pair vs non-replicate-pair well cosines (up to `pairs`
-    sampled pairs each), over all pairs and over pairs in different batches only."""
+    sampled pairs each), over all pairs and over pairs in different batches only. A null of n values
+    resolves p down to 1/n: a threshold below that is refused (beating 8 null genes is not p < 0.01)."""
     perturbations, batches = np.asarray(perturbations, str), np.asarray(batches, str)
     rng = np.random.default_rng(seed)
     names, members = group_rows(perturbations)
@@ -624,15 +625,18 @@ def replicate_consistency(features, perturbations, batches, null_perturbations=(
             raise SystemExit(f"replicate consistency: none of the {len(null_set)} null perturbations (e.g. {sorted(null_set)[0]}) "
                              f"is in the map with two or more wells")
         p_values = {p: float(1 - np.searchsorted(null, v) / len(null)) for p, v in values.items()}
-        null_kind = f"{len(null)} null perturbations"
+        null_kind, resolution = f"{len(null)} null perturbations", 1 / len(null)
     else:
         wells_of = {b: np.flatnonzero((batches == b) & (perturbations != control)) for b in np.unique(batches)}
         signature = {p: tuple(sorted(batches[ids])) for p, ids in tested}
         nulls = {sig: matched_null(features, sig, wells_of, null_groups, rng) for sig in sorted(set(signature.values()))}
         p_values = {p: float(1 - np.searchsorted(nulls[signature[p]], v) / null_groups) for p, v in values.items()}
-        null_kind = f"{null_groups} random well groups per batch signature ({len(nulls)} signatures)"
-    result = {"n_perturbations": len(values), "null": null_kind,
-              "fraction_p_below_0.01": float(np.mean([v < 0.01 for v in p_values.values()])),
+        null_kind, resolution = f"{null_groups} random well groups per batch signature ({len(nulls)} signatures)", 1 / null_groups
+    if threshold < resolution:
+        raise SystemExit(f"replicate consistency: a null of {null_kind} resolves p down to {resolution:.3g} only; "
+                         f"the threshold {threshold:g} is below it (--consistency_p, or more null perturbations)")
+    result = {"n_perturbations": len(values), "null": null_kind, "p_resolution": resolution, "p_threshold": threshold,
+              "fraction_p_below": float(np.mean([v < threshold for v in p_values.values()])),
               "mean_cosine": float(np.mean(list(values.values())))}
     # replicate pairs vs non-replicate pairs, at the well level
     rep = np.concatenate([ids[np.stack(np.triu_indices(len(ids), 1), 1)] for _, ids in tested])
@@ -973,16 +977,12 @@ def check_map(features, wells, chunk=65536):
         raise SystemExit(f"embeddings: all {len(features)} wells have the same features: nothing to benchmark")
 
 
-def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col="plate", perturbation_col="perturbation",
-             control="non-targeting", aggregate_method="mean", annotations=None, sources=SOURCES,
-             null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
-             settings=None, groups=None, null_size=10000):
-    """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
-    metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
-    check_map(features, wells)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+def check_labels(wells, batch_col="plate", perturbation_col="perturbation", control="non-targeting", annotations=None,
+                 sources=SOURCES, null_perturbations=(), drop=(), min_wells=1, consistency_p=0.01):
+    """The wells' labels as the benchmarks will read them, or one line saying why they cannot: called
+    before the model embeds anything (hours on a genome-scale screen), and again by evaluate().
+    Returns per well its perturbation (controls by their name), batch and kind, the wells kept, and
+    the annotation tables' folder."""
     column = lambda name, default="": np.array([w.get(name, default) for w in wells], dtype=str)
     for name in (perturbation_col, batch_col):
         if name not in wells[0]:
@@ -1009,11 +1009,32 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     if null_perturbations and not set(null_perturbations) & set(perturbation[ids].tolist()):
         raise SystemExit(f"--null_perturbations: none of its {len(set(null_perturbations))} perturbations "
                          f"(e.g. {sorted(null_perturbations)[0]}) is in the map")
+    if null_perturbations:  # the p resolution of the null, before any work (replicate_consistency checks it too)
+        names, counts = np.unique(perturbation[ids][np.isin(perturbation[ids], list(null_perturbations))], return_counts=True)
+        if (counts >= 2).sum() and consistency_p < 1 / (counts >= 2).sum():
+            raise SystemExit(f"--null_perturbations: {(counts >= 2).sum()} of them in the map with 2+ wells resolve p down to "
+                             f"{1 / (counts >= 2).sum():.3g} only; --consistency_p {consistency_p:g} is below it "
+                             f"(more null perturbations, a higher --consistency_p, or none: random well groups)")
     tables = required_tables(annotations)
     names = np.array(sorted(mapped))
     if not any((np.isin(a, names) & np.isin(b, names)).any() for a, b in (read_relationships(str(tables), s) for s in sources)):
         raise SystemExit(f"no two of the map's {len(names)} perturbations (e.g. '{names[0]}') are an annotated pair of "
                          f"{', '.join(sources)}: recall needs gene symbols as the annotation tables write them")
+    return perturbation, batch, kind, ids, tables
+
+
+def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col="plate", perturbation_col="perturbation",
+             control="non-targeting", aggregate_method="mean", annotations=None, sources=SOURCES,
+             null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
+             settings=None, groups=None, null_size=10000, consistency_p=0.01):
+    """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
+    metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
+    check_map(features, wells)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    perturbation, batch, kind, ids, tables = check_labels(wells, batch_col, perturbation_col, control, annotations, sources,
+                                                         null_perturbations, drop, min_wells, consistency_p)
     aligned = align(_rows(features, ids), batch[ids], perturbation[ids] == control, align_method, out / "aligned.npy",
                     pca_dims)
     perturbation, batch, kind = perturbation[ids], batch[ids], kind[ids]
@@ -1029,7 +1050,8 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         wells=int(len(wells)), wells_used=int(len(ids)), control_wells=int((kind == "control").sum()),
         batches=int(len(set(batch))), genes=int(len(gene_names)), dims=int(aligned.shape[1])))
     report["recall"] = known_relationship_recall(gene_map, gene_names, sources, annotations_dir=tables)
-    consistency, p_values = replicate_consistency(aligned, replicates, batch, null_perturbations, control)
+    consistency, p_values = replicate_consistency(aligned, replicates, batch, null_perturbations, control,
+                                                  threshold=consistency_p)
     report["consistency"] = consistency
     clusters_summary, clusters = cluster_benchmark(gene_map, gene_names, tables)
     report["clusters"] = dict(clusters_summary, per_cluster=clusters)
@@ -1084,7 +1106,8 @@ def summary_table(report):
         lines.append(f"| {source} | {r['recall_0.05_0.95']:.3f} | {r['recall_0.1_0.9']:.3f} | {r['n_pairs']} | {r['n_entities']} |")
     c = report["consistency"]
     lines += ["", "| replicate consistency | value |", "|---|---|",
-              f"| fraction p < 0.01 ({c['n_perturbations']} perturbations; null: {c['null']}) | {c['fraction_p_below_0.01']:.3f} |"]
+              f"| fraction p < {c['p_threshold']:g} ({c['n_perturbations']} perturbations; null: {c['null']}, "
+              f"p resolution {c['p_resolution']:.3g}) | {c['fraction_p_below']:.3f} |"]
     lines += [f"| {k} | {c[k]:.3f} |" for k in ("ks", "cvm", "ks_cross_batch", "cvm_cross_batch") if k in c]
     lines += ["", "| mAP (copairs) | groups | mean mAP | retrieved (q < 0.05) |", "|---|---|---|---|"]
     for name, m in report["map"].items():
@@ -1122,6 +1145,8 @@ def main(argv=None):
     parser.add_argument("--annotations", help="folder of CORUM.txt, HuMAP.txt, ...; None: downloaded once from PyPI")
     parser.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES), help="comma-separated annotation sources")
     parser.add_argument("--null_perturbations", help="file, one perturbation per line (e.g. unexpressed genes)")
+    parser.add_argument("--consistency_p", type=float, default=0.01,
+                        help="replicate consistency counts p below this; refused below the null's resolution (1/its size)")
     parser.add_argument("--compound_activity", help="CSV: compound, gene, activity_um")
     parser.add_argument("--chromosome_arms", help="CSV: gene, arm (proximity-bias correction of CRISPR maps)")
     parser.add_argument("--drop", type=lambda s: s.split(","), default=[], help="perturbations to leave out")
@@ -1145,6 +1170,8 @@ def main(argv=None):
         features = features[block - 1]
     elif args.data and (args.ckpt or args.features):
         dataset = data.CropDataset(args.data)
+        check_labels(well_table(dataset)[1], args.batch_col, args.perturbation_col, args.control, args.annotations,
+                     args.sources, read_lines(args.null_perturbations), args.drop, args.min_wells, args.consistency_p)
         device = rank_device(args.device)
         if args.ckpt:
             model = mae.from_pretrained(args.ckpt, device).eval()
@@ -1167,7 +1194,8 @@ def main(argv=None):
                     control=args.control, sources=args.sources, min_wells=args.min_wells, drop=args.drop)
     evaluate(features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
              args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity,
-             args.chromosome_arms, args.drop, args.min_wells, settings, read_groups(args.groups), args.null_size)
+             args.chromosome_arms, args.drop, args.min_wells, settings, read_groups(args.groups), args.null_size,
+             args.consistency_p)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_consistency_p_values_are_uniform_for_noise():
     x, names, batches = noise_wells(np.random.default_rng(9))
     summary, p = evaluate.replicate_consistency(x, names, batches, null_groups=2000)
     p = np.array(list(p.values()))
-    assert summary["fraction_p_below_0.01"] < 0.04
+    assert summary["fraction_p_below"] < 0.04
     assert scipy_stats.kstest(p, "uniform").pvalue > 0.001
     assert summary["ks"] < 0.1
 
@@ -245,7 +245,7 @@ def test_consistency_p_values_are_uniform_for_noise():
 def test_consistency_detects_planted_replicates():
     x, names, batches = noise_wells(np.random.default_rng(10), signal=0.8)
     summary, _ = evaluate.replicate_consistency(x, names, batches)
-    assert summary["fraction_p_below_0.01"] > 0.9
+    assert summary["fraction_p_below"] > 0.9
     assert summary["ks_cross_batch"] > 0.5 and summary["cvm_cross_batch"] > 10
 
 
@@ -260,14 +260,14 @@ def test_consistency_null_comes_from_the_perturbations_own_plates():
     batches = np.repeat([f"P{i}" for i in range(plates)], per_plate)
     names = np.array([f"G{p}-{w // 2}" for p in range(plates) for w in range(per_plate)])
     summary, _ = evaluate.replicate_consistency(x, names, batches)
-    assert summary["fraction_p_below_0.01"] < 0.05
+    assert summary["fraction_p_below"] < 0.05
 
 
 def test_consistency_matches_efaar_with_null_perturbations(reference):
     import pandas as pd
     x, names, batches = noise_wells(np.random.default_rng(11), perturbations=60, signal=0.3)
     null = [f"P{i}" for i in range(40, 60)]
-    _, ours = evaluate.replicate_consistency(x, names, batches, null_perturbations=null)
+    _, ours = evaluate.replicate_consistency(x, names, batches, null_perturbations=null, threshold=0.05)
     theirs = reference.pert_signal_consistency_benchmark(x, pd.DataFrame({"pert": names}), "pert", null, n_jobs=1)
     for row in theirs.itertuples():
         assert ours[row.pert] == pytest.approx(row.pval, abs=1e-12)
@@ -361,20 +361,33 @@ def test_synthetic_screen_end_to_end(screen, annotations):
     screen of 2 replicates, 0.61 on the demo screen)."""
     out = screen / "eval"
     evaluate.main(["--features", "handcrafted", "--data", str(screen / "crops"), "--out", str(out),
-                   "--null_perturbations", str(screen / "synth" / "null_genes.txt"),
+                   "--null_perturbations", str(screen / "synth" / "null_genes.txt"), "--consistency_p", "0.125",
                    "--compound_activity", str(screen / "synth" / "compound_activity.csv"),
                    "--annotations", str(annotations)])
     report = json.loads((out / "report.json").read_text())
     assert report["recall"]["CORUM"]["recall_0.05_0.95"] > 0.2 and report["recall"]["StringDB"]["recall_0.05_0.95"] > 0.2
-    assert report["consistency"]["fraction_p_below_0.01"] > 0.3
+    assert report["consistency"]["fraction_p_below"] > 0.3
     assert report["compound_gene"]["n_compounds"] == 2
     text = (out / "report.md").read_text()  # report.md says what report.json says
     assert text.startswith("# Benchmarks: hand-crafted features\n") and "align tvn (pca_dims 0.99), batch column plate" in text
     for source, r in report["recall"].items():
         assert f"| {source} | {r['recall_0.05_0.95']:.3f} | {r['recall_0.1_0.9']:.3f} | {r['n_pairs']} | {r['n_entities']} |" in text
     c, g = report["consistency"], report["compound_gene"]
-    assert f"null: {c['null']}) | {c['fraction_p_below_0.01']:.3f} |" in text and f"| ks | {c['ks']:.3f} |" in text
+    assert f"p resolution {c['p_resolution']:.3g}) | {c['fraction_p_below']:.3f} |" in text and f"| ks | {c['ks']:.3f} |" in text
     assert f"compound-gene activity: 2 compounds, AP {g['ap']:.3f} (random {g['random_ap']:.3f}, z {g['z']:.2f})" in text
+
+
+def test_a_threshold_below_what_the_null_resolves_is_refused_before_any_work(screen, annotations, tmp_path):
+    """8 null genes resolve p down to 1/8: 'p < 0.01' would only mean beating all 8 (random labels once
+    scored 0.345 that way). One line, nothing written; the module function refuses it too."""
+    with pytest.raises(SystemExit, match=r"--null_perturbations: 8 of them in the map with 2\+ wells resolve p down to 0.125 only; "
+                                         r"--consistency_p 0.01 is below it"):
+        evaluate.main(["--features", "handcrafted", "--data", str(screen / "crops"), "--out", str(tmp_path / "out"),
+                       "--null_perturbations", str(screen / "synth" / "null_genes.txt"), "--annotations", str(annotations)])
+    assert not (tmp_path / "out" / "aligned.npy").exists() and not (tmp_path / "out" / "embeddings.npy").exists()
+    x, names, batches = noise_wells(np.random.default_rng(11), perturbations=60, signal=0.3)
+    with pytest.raises(SystemExit, match="resolves p down to 0.05 only; the threshold 0.01 is below it"):
+        evaluate.replicate_consistency(x, names, batches, null_perturbations=[f"P{i}" for i in range(40, 60)])
 
 
 def test_evaluate_takes_one_block_of_a_blocks_file(screen, annotations, tmp_path):
