@@ -918,15 +918,86 @@ def handcrafted_features(x):
 
 # ---- the pipeline ------------------------------------------------------------------------------------
 
+def write_profiles(path, features, rows):
+    """Profiles as parquet in the convention of pycytominer and copairs: Metadata_<column> columns,
+    then one float32 column per feature (emb0000, ...). Needs pyarrow; written under a temporary name."""
+    pq = data.pyarrow_parquet(path)
+    import pyarrow as pa
+    features = np.asarray(features, np.float32)
+    columns = {f"Metadata_{c}": [str(r[c]) for r in rows] for c in rows[0]}
+    columns.update({f"emb{j:04d}": features[:, j] for j in range(features.shape[1])})
+    data.write_atomic(path, lambda f: pq.write_table(pa.table(columns), f))
+
+
+def read_profiles(path, metadata=None, keys=WELL_KEY):
+    """Profiles from parquet (Metadata_* columns and feature columns, as pycytominer and copairs write
+    them): [1, rows, D] and the metadata rows (the prefix dropped). With a metadata CSV too, its rows
+    are joined on `keys`, which must name the same rows once each (a shuffled or foreign CSV is refused,
+    where a .npy beside a CSV cannot be checked)."""
+    table = data.pyarrow_parquet(path).read_table(path)
+    names = [c for c in table.column_names if c.startswith("Metadata_")]
+    feature_names = [c for c in table.column_names if not c.startswith("Metadata_")]
+    if not names or not feature_names:
+        raise SystemExit(f"{path}: not a profile table (Metadata_* columns, then feature columns)")
+    rows = [{c[len("Metadata_"):]: "" if v is None else str(v) for c, v in r.items()} for r in table.select(names).to_pylist()]
+    features = np.stack([table.column(c).to_numpy().astype(np.float32) for c in feature_names], 1)
+    if metadata:
+        labels = data.read_csv(metadata)
+        missing = [k for k in keys if k not in rows[0] or k not in labels[0]]
+        if missing:
+            raise SystemExit(f"{path}, {metadata}: no key column {', '.join(missing)} in both to join them on")
+        row_of = {tuple(r[k] for k in keys): r for r in labels}
+        if len(row_of) != len(labels):
+            raise SystemExit(f"{metadata}: a {'/'.join(keys)} appears twice")
+        absent = [k for k in (tuple(r[k] for k in keys) for r in rows) if k not in row_of]
+        if absent or len(labels) != len(rows):
+            raise SystemExit(f"{metadata}: its rows do not match the profiles of {path} "
+                             f"({len(absent)} of {len(rows)} profiles without a row, e.g. {'/'.join(absent[0]) if absent else '-'}; "
+                             f"{len(labels)} rows for {len(rows)} profiles)")
+        rows = [dict(row_of[tuple(r[k] for k in keys)], **r) for r in rows]
+    return features[None], rows
+
+
 def read_embeddings(path, metadata):
-    """Embeddings made elsewhere, memory-mapped, and their metadata rows, checked against each other:
-    [blocks, wells, D] (a [wells, D] array is one block)."""
+    """Embeddings made elsewhere and their metadata rows, checked against each other: a parquet profile
+    table (its own keys; see read_profiles), or a .npy, memory-mapped, [blocks, wells, D] (a [wells, D]
+    array is one block) whose rows must number the CSV's (all a .npy allows to check)."""
+    if Path(path).suffix == ".parquet":
+        return read_profiles(path, metadata)
+    if not metadata:
+        raise SystemExit(f"{path}: a .npy carries no metadata: pass --metadata (or give a parquet profile table)")
     features, wells = np.load(path, mmap_mode="r"), data.read_csv(metadata)
     if features.ndim == 2:
         features = features[None]
     if features.ndim != 3 or features.shape[-2] != len(wells):
         raise SystemExit(f"{path}: shape {features.shape} does not match the {len(wells)} rows of {metadata}")
     return features, wells
+
+
+def write_maps(out, aligned, well_rows, gene_map, gene_names, h5ad=False):
+    """wells.parquet (the aligned wells) and perturbations.parquet (the aggregated map), each row with
+    its keys; .h5ad of both with h5ad. Without pyarrow, one line says what was not written."""
+    maps = (("wells", aligned, well_rows), ("perturbations", gene_map, [dict(perturbation=n) for n in gene_names]))
+    try:
+        for name, features, rows in maps:
+            write_profiles(out / f"{name}.parquet", features, rows)
+    except SystemExit as e:
+        print(f"{out}: wells.parquet and perturbations.parquet skipped ({e})")
+    for name, features, rows in maps if h5ad else ():
+        write_anndata(out / f"{name}.h5ad", features, rows)
+
+
+def write_anndata(path, features, rows):
+    """An AnnData .h5ad (observations: the rows' metadata; X: the features) for scanpy users."""
+    try:
+        import anndata
+    except ImportError:
+        raise SystemExit(f"{path}: writing .h5ad needs anndata: pip install anndata") from None
+    import pandas as pd
+    adata = anndata.AnnData(np.asarray(features, np.float32), obs=pd.DataFrame(rows, index=[str(i) for i in range(len(rows))]))
+    tmp = Path(f"{path}.tmp.h5ad")  # h5py writes to a path, not an open file
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
 
 
 def read_groups(path):
@@ -1026,7 +1097,7 @@ def check_labels(wells, batch_col="plate", perturbation_col="perturbation", cont
 def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col="plate", perturbation_col="perturbation",
              control="non-targeting", aggregate_method="mean", annotations=None, sources=SOURCES,
              null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
-             settings=None, groups=None, null_size=10000, consistency_p=0.01):
+             settings=None, groups=None, null_size=10000, consistency_p=0.01, h5ad=False):
     """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
     metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
     check_map(features, wells)
@@ -1078,6 +1149,7 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         summary, per_compound = compound_gene_activity(compound_map, [n.rsplit("@", 1)[0] for n in names],
                                                        gene_map, gene_names, table)
         report["compound_gene"] = dict(summary, per_compound=per_compound)
+    write_maps(out, aligned, [wells[i] for i in ids], gene_map, gene_names, h5ad)
     report["seconds"] = round(time.perf_counter() - started, 1)
     data.write_json(out / "report.json", report)
     data.write_csv(out / "consistency.csv", ["perturbation", "p_value"], sorted(p_values.items()))
@@ -1129,10 +1201,12 @@ def main(argv=None):
     source = parser.add_argument_group("what to evaluate (one of)")
     source.add_argument("--ckpt", help="a checkpoint of this project (model.pt, a training checkpoint folder, a trimmed one)")
     source.add_argument("--features", choices=["handcrafted"], help="a baseline instead of a model")
-    source.add_argument("--embeddings", help="[wells, D] .npy made elsewhere, rows matching --metadata, or [blocks, wells, D] "
+    source.add_argument("--embeddings", help="a parquet profile table (Metadata_* and feature columns; with --metadata its rows "
+                        "are joined on plate, well), or a [wells, D] .npy made elsewhere, rows matching --metadata, or [blocks, wells, D] "
                         "(probe.py's features.npy: every block from one pass) with --block")
     parser.add_argument("--data", help="a prepared dataset (with --ckpt or --features)")
     parser.add_argument("--metadata", help="CSV, one row per row of --embeddings")
+    parser.add_argument("--h5ad", action="store_true", help="also write wells.h5ad and perturbations.h5ad (AnnData, for scanpy)")
     parser.add_argument("--block", type=int, help="embed after this block, or take it from [blocks, wells, D] --embeddings; None: the last")
     parser.add_argument("--out", required=True, help="folder of report.json, report.md, aligned.npy, ...")
     parser.add_argument("--align", default="tvn", choices=["none", "centerscale", "pca_centerscale", "tvn"], help="per batch, on its control wells (see align())")
@@ -1160,8 +1234,6 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.embeddings:
-        if not args.metadata:
-            parser.error("--embeddings needs --metadata")
         features, wells = read_embeddings(args.embeddings, args.metadata)
         block = len(features) if args.block is None else args.block
         if not 1 <= block <= len(features):
@@ -1189,13 +1261,13 @@ def main(argv=None):
         features = features[0]
         data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
     else:
-        parser.error("give --ckpt or --features with --data, or --embeddings with --metadata")
+        parser.error("give --ckpt or --features with --data, or --embeddings (with --metadata for a .npy)")
     settings = dict(source=described, align=args.align, pca_dims=args.pca_dims, batch_col=args.batch_col, aggregate=args.aggregate,
                     control=args.control, sources=args.sources, min_wells=args.min_wells, drop=args.drop)
-    evaluate(features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
+    return evaluate(features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
              args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity,
              args.chromosome_arms, args.drop, args.min_wells, settings, read_groups(args.groups), args.null_size,
-             args.consistency_p)
+             args.consistency_p, args.h5ad)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     source = parser.add_argument_group("what to probe (one of)")
     source.add_argument("--ckpt", help="a checkpoint (model.pt, a training checkpoint folder, OpenPhenom, timm), with --data")
-    source.add_argument("--embeddings", help="well embeddings made elsewhere, [wells, D] or [blocks, wells, D] .npy, with --metadata")
+    source.add_argument("--embeddings", help="well embeddings made elsewhere: a parquet profile table, or [wells, D] or "
+                        "[blocks, wells, D] .npy with --metadata")
     parser.add_argument("--data", help="a prepared dataset (with --ckpt)")
     parser.add_argument("--metadata", help="CSV, one row per well of --embeddings")
     parser.add_argument("--task", default="perturbation", help="perturbation, group, or both: perturbation,group")
@@ -198,8 +199,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds and the probes fit")
     args = parser.parse_args(argv)
-    if not (args.ckpt and args.data or args.embeddings and args.metadata):
-        parser.error("give --ckpt with --data, or --embeddings with --metadata")
+    if not (args.ckpt and args.data or args.embeddings):
+        parser.error("give --ckpt with --data, or --embeddings (with --metadata for a .npy)")
     if args.trim and not args.ckpt:
         parser.error("--trim needs --ckpt")
     out = Path(args.out)

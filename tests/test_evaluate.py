@@ -674,3 +674,43 @@ def test_the_null_of_an_ap_is_copairs_in_distribution(n_pos, n_total):
     theirs = copairs_compute.random_ap(20000, n_pos, n_total, seed=0)
     assert scipy_stats.ks_2samp(ours, theirs).pvalue > 1e-3
     assert ours.mean() == pytest.approx(float(theirs.mean()), abs=4 * float(theirs.std()) / math.sqrt(20000) + 1e-6)
+
+
+# ---- profiles that carry their keys ----------------------------------------------------------------------
+
+def test_profiles_are_parquet_with_their_keys_and_a_shuffled_csv_is_refused(tmp_path, annotations):
+    """evaluate.py writes the aligned wells and the perturbation map as parquet profiles (Metadata_*
+    columns, then features: what pycytominer and copairs read), and AnnData with --h5ad; a profile
+    table is read back alone, or joined to a CSV on plate and well, which refuses a CSV whose rows are
+    not the profiles' (a shuffled CSV once scored higher than the right one); a .npy must match the
+    CSV's row count."""
+    pd = pytest.importorskip("pandas")
+    anndata = pytest.importorskip("anndata", reason="AnnData export (tests/requirements.txt)")
+    args = degenerate_inputs(tmp_path, annotations, "fine")
+    evaluate.main(args + ["--h5ad"])
+    wells = pd.read_parquet(tmp_path / "out" / "wells.parquet")
+    genes = pd.read_parquet(tmp_path / "out" / "perturbations.parquet")
+    assert list(wells.columns[:3]) == ["Metadata_plate", "Metadata_well", "Metadata_perturbation"]
+    np.testing.assert_allclose(wells.filter(like="emb").to_numpy(), np.load(tmp_path / "out" / "aligned.npy"), rtol=1e-6)
+    assert len(genes) == 40 and genes.columns[0] == "Metadata_perturbation"
+    h5ad = anndata.read_h5ad(tmp_path / "out" / "perturbations.h5ad")
+    assert list(h5ad.obs["perturbation"]) == list(genes["Metadata_perturbation"])
+    np.testing.assert_allclose(h5ad.X, genes.filter(like="emb").to_numpy())
+    # the raw map as a profile table, read alone and joined to its CSV in another order
+    x, rows = np.load(tmp_path / "x.npy"), data.read_csv(tmp_path / "wells.csv")
+    evaluate.write_profiles(tmp_path / "raw.parquet", x, [dict(plate=r["plate"], well=r["well"]) for r in rows])
+    data.write_csv(tmp_path / "reordered.csv", list(rows[0]), [list(r.values()) for r in rows[::-1]])
+    features, joined = evaluate.read_embeddings(tmp_path / "raw.parquet", tmp_path / "reordered.csv")
+    np.testing.assert_array_equal(features[0], x.astype(np.float32))
+    assert joined == rows
+    one = evaluate.main(["--embeddings", str(tmp_path / "raw.parquet"), "--metadata", str(tmp_path / "reordered.csv"),
+                         "--out", str(tmp_path / "joined"), "--annotations", str(annotations)])
+    assert json.dumps(one["recall"]) == json.dumps(json.loads((tmp_path / "out" / "report.json").read_text())["recall"])
+    # a CSV of other wells: refused, naming a well
+    shuffled = [dict(r, well=f"X{r['well']}") if i == 3 else r for i, r in enumerate(rows)]
+    data.write_csv(tmp_path / "other.csv", list(rows[0]), [list(r.values()) for r in shuffled])
+    with pytest.raises(SystemExit, match=r"other.csv: its rows do not match the profiles of .*raw.parquet \(1 of 92 profiles without a row, e.g. P0/W3"):
+        evaluate.read_embeddings(tmp_path / "raw.parquet", tmp_path / "other.csv")
+    with pytest.raises(SystemExit, match=r"x.npy: shape \(1, 92, 8\) does not match the 91 rows of"):
+        data.write_csv(tmp_path / "short.csv", list(rows[0]), [list(r.values()) for r in rows[:-1]])
+        evaluate.read_embeddings(tmp_path / "x.npy", tmp_path / "short.csv")
