@@ -7,6 +7,7 @@ Speed, printed as figures.
     python bench.py recall --genes 20000 --dims 1664  # evaluate.py's recall vs efaar-benchmarking's
     python bench.py probe                             # probe.py's block sweep vs a naive one
     python bench.py map                               # evaluate.py's copairs mAP vs copairs, 10k and 50k profiles
+    python bench.py embed --presets vitg8 --batch_size 64   # embedding crops/s and MFU (every block, one pass)
 
 1. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
    tokens/s, MFU and peak memory, read from its log. With --hf, first the step of our MAE against
@@ -31,6 +32,8 @@ Speed, printed as figures.
    4 replicate wells, 6% DMSO) by evaluate.py and by copairs itself (benchmark-only), each side in
    its own process under the same memory limit: seconds, peak memory, and the agreement of the APs,
    mAPs and p-values.
+7. `embed`: evaluate.embed_wells as probe.py and evaluate.py run it (every block from one pass, bf16
+   on a GPU): crops/s and MFU per preset; `gpu` runs it for vits16-ca, vitl8 and vitg8.
 """
 
 import argparse
@@ -218,7 +221,7 @@ def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
 def gpu_figures():
     """The GPU bench in one command (minutes on one H100/H200): train.py's throughput, MFU and peak
     memory for CA-MAE-S/16, MAE-L/8 and MAE-G/8 on one GPU, eager and with compiled blocks; the SDPA
-    kernel that runs for each; Lion's step on MAE-G/8's shards of 8 GPUs."""
+    kernel that runs for each; Lion's step on MAE-G/8's shards of 8 GPUs; embedding crops/s and MFU."""
     if not torch.cuda.is_available():
         raise SystemExit("bench.py gpu needs a CUDA GPU")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
@@ -228,6 +231,35 @@ def gpu_figures():
         print(f"{label}: SDPA kernel at batch {batch}: {sdpa_backend_that_runs(config, batch)}")
     train_figures([(label, batch, extra) for label, batch in plan for extra in ([], ["--compile=blocks"])], steps=10)
     lion_figures("vitg8", world_size=8, device="cuda")
+    embed_figures(["vits16-ca", "vitl8", "vitg8"], batch_size=64)
+
+
+def embed_figures(presets, batch_size, crops=2048):
+    """evaluate.embed_wells as probe.py runs it (every block from one pass, crops averaged into wells as
+    they stream, bf16 on a GPU): crops/s and MFU (the encoder's matmul FLOPs, model.flops_per_crop
+    with train=False, against the GPU's bf16 peak), on random 256x256x6 crops, after a warm-up pass."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = device_peak_flops()
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = data.CropDataset(random_dataset(Path(tmp) / "random", crops=crops))
+        print(f"\nembedding (every block, one pass), {len(dataset)} crops of 6x256x256, batch {batch_size}, {where}")
+        for label in presets:
+            config = MAEConfig.from_preset(label.removesuffix("-ca"), channel_agnostic=label.endswith("-ca"), img_size=256)
+            model = build(config, device=device, verbose=False).eval()
+            blocks = list(range(1, len(model.blocks) + 1))
+            encode = lambda x: model.embed(x, blocks)
+            evaluate.embed_wells(encode, dataset, Path(tmp) / "warm.npy", batch_size, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            evaluate.embed_wells(encode, dataset, Path(tmp) / "timed.npy", batch_size, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rate = len(dataset) / (time.perf_counter() - start)
+            mfu = f"MFU {rate * model.flops_per_crop(6, train=False) / peak:.1%}" if peak else "MFU: no GPU peak known"
+            print(f"{label:10} {rate:9.1f} crops/s  {mfu}  ({len(blocks)} blocks kept per crop)")
+            del model
 
 
 def efaar_reference():
@@ -393,9 +425,11 @@ def map_figures(sizes, dims, null_size, memory_gib=16, timeout=1800):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe", "map"], help="which figures")
+    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe", "map", "embed"],
+                        help="which figures")
     parser.add_argument("--profiles", default="10000,50000", help="map: comma-separated profile counts")
     parser.add_argument("--null_size", type=int, default=10000, help="map: null draws of the p-values")
+    parser.add_argument("--crops", type=int, default=512, help="embed: random crops embedded")
     parser.add_argument("--depth", type=int, default=12, help="probe: blocks of the model")
     parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
     parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
@@ -412,7 +446,8 @@ if __name__ == "__main__":
         {"gpu": gpu_figures, "lion": lambda: lion_figures("vitg8", args.world_size),
          "recall": lambda: recall_figures(args.genes, args.dims), "probe": lambda: probe_figures(args.depth),
          "map": lambda: map_figures([int(n) for n in args.profiles.split(",")], args.dims if args.dims != 1664 else 384,
-                                    args.null_size)}[args.suite]()
+                                    args.null_size),
+         "embed": lambda: embed_figures(args.presets.split(","), args.batch_size, args.crops)}[args.suite]()
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
