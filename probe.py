@@ -73,17 +73,30 @@ def task_labels(wells, task, groups=None, perturbation_col="perturbation", contr
     return labels
 
 
-def split_wells(wells, split_col, validation_fraction=0.25):
-    """Whole plates/experiments go to one side: the last ceil(fraction) of the sorted values validate,
-    so replicates of one plate never sit on both sides."""
-    if split_col not in wells[0]:
-        raise SystemExit(f"no metadata column {split_col!r} to split by (columns: {', '.join(wells[0])})")
+def split_wells(wells, split_col, stratify=None, fraction=0.25):
+    """Train, validation and test wells, by whole values of split_col (plates, experiments: replicates
+    of one plate never straddle two sides), within each stratum of `stratify` (e.g. cell_type: every
+    cell type is trained on, chosen on and tested on). Per stratum, of its sorted values, the last
+    ceil(fraction) test and the ceil(fraction) before them validate. The penalty and the block are
+    chosen on validation; the accuracy reported is the test's. Returns three masks and the held-out
+    values: {"validation": [...], "test": [...]}."""
+    for column in (split_col, stratify):
+        if column and column not in wells[0]:
+            raise SystemExit(f"no metadata column {column!r} to split by (columns: {', '.join(wells[0])})")
     values = np.array([w[split_col] for w in wells], dtype=str)
-    names = sorted(set(values))
-    if len(names) < 2:
-        raise SystemExit(f"{split_col}: one value only ({names[0]}); a held-out split needs two or more")
-    held_out = names[-max(1, math.ceil(validation_fraction * len(names))):]
-    return ~np.isin(values, held_out), np.isin(values, held_out), held_out
+    strata = np.array([w[stratify] for w in wells], dtype=str) if stratify else np.zeros(len(wells), str)
+    held = {"validation": [], "test": []}
+    for stratum in sorted(set(strata.tolist())):
+        names = sorted(set(values[strata == stratum].tolist()))
+        k = max(1, math.ceil(fraction * len(names)))
+        if len(names) < 2 * k + 1:
+            where = f" of {stratify} {stratum}" if stratify else ""
+            raise SystemExit(f"{split_col}: {len(names)} value(s){where} ({', '.join(names)}); a train/validation/test split "
+                             f"needs {2 * k + 1} or more: pass a --split_col with more values (plate, well)")
+        held["validation"] += names[-2 * k:-k]
+        held["test"] += names[-k:]
+    validation, test = np.isin(values, held["validation"]), np.isin(values, held["test"])
+    return ~(validation | test), validation, test, held
 
 
 # ---- the classifier -----------------------------------------------------------------------------------
@@ -114,40 +127,42 @@ def balanced_accuracy(truth, predicted):
     return float(torch.stack([(predicted[truth == c] == c).float().mean() for c in classes]).mean())
 
 
-def probe(x, labels, train, validation, grid=(1e-1, 1e-2, 1e-3, 1e-4), device="cpu"):
+def probe(x, labels, train, validation, test, grid=(1e-1, 1e-2, 1e-3, 1e-4), device="cpu"):
     """Fit on the train wells at each L2 penalty of `grid` (strongest first, each fit starting from the
-    last), score on the validation wells of classes seen in training; keep the penalty with the best
-    balanced accuracy (chosen on the validation split, as the block search does)."""
+    last); keep the penalty whose balanced accuracy on the validation wells is best, and report that
+    fit's accuracy on the test wells (wells of classes seen in training are scored)."""
     names, y = np.unique(labels[train], return_inverse=True)
     index = {n: i for i, n in enumerate(names)}
-    scored = validation & np.isin(labels, names)
     x = torch.as_tensor(np.asarray(x, np.float32), device=device)
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6  # standardized on the training wells
     x = (x - mean) / std
     y_train = torch.as_tensor(y, device=device)
-    y_val = torch.as_tensor([index[label] for label in labels[scored]], device=device, dtype=torch.long)
+    scored = lambda split: split & np.isin(labels, names)
+    truth = lambda split: torch.as_tensor([index[label] for label in labels[scored(split)]], device=device, dtype=torch.long)
+    predict = lambda params, split: (x[scored(split)] @ params[0] + params[1]).argmax(1)
     best, params = None, None
     for l2 in grid:
         params = fit_logistic(x[train], y_train, len(names), l2, params)
-        predicted = (x[scored] @ params[0] + params[1]).argmax(1)
-        result = dict(balanced_accuracy=balanced_accuracy(y_val, predicted),
-                      accuracy=float((predicted == y_val).float().mean()), l2=l2)
-        if best is None or result["balanced_accuracy"] > best["balanced_accuracy"]:
-            best = result
-    majority = torch.bincount(y_val, minlength=len(names)).max() / len(y_val)
-    return dict(best, chance_balanced=1 / len(y_val.unique()), chance_accuracy=float(majority),
-                classes=len(names), train_wells=int(train.sum()), validation_wells=int(scored.sum()),
-                validation_unseen=int((validation & (labels != "") & ~scored).sum()))
+        chosen_by = balanced_accuracy(truth(validation), predict(params, validation))
+        if best is None or chosen_by > best[0]:
+            best = (chosen_by, l2, params)
+    y_test, predicted = truth(test), predict(best[2], test)
+    majority = torch.bincount(y_test, minlength=len(names)).max() / len(y_test)
+    return dict(balanced_accuracy=balanced_accuracy(y_test, predicted), accuracy=float((predicted == y_test).float().mean()),
+                validation_balanced_accuracy=best[0], l2=best[1], chance_balanced=1 / len(y_test.unique()),
+                chance_accuracy=float(majority), classes=len(names), train_wells=int(train.sum()),
+                validation_wells=int(scored(validation).sum()), test_wells=int(scored(test).sum()),
+                test_unseen=int((test & (labels != "") & ~scored(test)).sum()))
 
 
-def sweep(features, labels, train, validation, blocks, grid, batches=None, is_control=None, device="cpu"):
+def sweep(features, labels, train, validation, test, blocks, grid, batches=None, is_control=None, device="cpu"):
     """probe() for each of `blocks` (1-based rows of features [blocks, wells, D]), back to back on one
     device, one block's features read from the memory map at a time; centered and scaled per batch on
     its control wells first when batches are given (evaluate.align's centerscale)."""
     used = labels != ""
-    train, validation = train & used, validation & used
+    train, validation, test = train & used, validation & used, test & used
     aligned = lambda x: x if batches is None else evaluate.align(x, batches, is_control, "centerscale")
-    return {block: probe(aligned(features[block - 1]), labels, train, validation, grid, device)
+    return {block: probe(aligned(features[block - 1]), labels, train, validation, test, grid, device)
             for block in tqdm(blocks, desc="probe", unit="block")}
 
 
@@ -166,7 +181,7 @@ def plot_curve(path, curves):
         blocks = sorted(points)
         ax.plot(blocks, [points[b]["balanced_accuracy"] for b in blocks], marker="o", label=task)
         ax.axhline(points[blocks[0]]["chance_balanced"], ls=":", color=ax.lines[-1].get_color())
-    ax.set(xlabel="block", ylabel="balanced accuracy (validation)", title="linear probe per block (dotted: chance)")
+    ax.set(xlabel="block", ylabel="balanced accuracy (test)", title="linear probe per block (dotted: chance)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(f"{path}.tmp.png")
@@ -188,7 +203,10 @@ def main(argv=None):
     parser.add_argument("--blocks", default="all", help="all, or e.g. 4,8,12")
     parser.add_argument("--out", required=True, help="folder of probe.csv, probe.json, the block cache and trimmed.pt")
     parser.add_argument("--split_col", default="experiment", help="metadata column whose values are held out whole")
-    parser.add_argument("--validation_fraction", type=float, default=0.25, help="of the --split_col values held out")
+    parser.add_argument("--stratify", default="auto", help="metadata column whose every value is split alike (auto: "
+                        "cell_type when there is one; none)")
+    parser.add_argument("--fraction", type=float, default=0.25, help="of each stratum's --split_col values for validation, "
+                        "and as many for test")
     parser.add_argument("--keep_controls", action="store_true", help="controls are a class of their own")
     parser.add_argument("--align", default="centerscale", choices=["centerscale", "none"],
                         help="center and scale the features per --batch_col on its control wells first")
@@ -216,25 +234,32 @@ def main(argv=None):
     blocks = list(range(1, depth + 1)) if args.blocks == "all" else [int(b) for b in args.blocks.split(",")]
     if not all(1 <= b <= depth for b in blocks):
         raise SystemExit(f"--blocks: the model has blocks 1..{depth}")
-    train, validation, held_out = split_wells(wells, args.split_col, args.validation_fraction)
+    stratify = ("cell_type" if "cell_type" in wells[0] else None) if args.stratify == "auto" else \
+        None if args.stratify == "none" else args.stratify
+    train, validation, test, held_out = split_wells(wells, args.split_col, stratify, args.fraction)
     grid = [float(v) for v in args.grid.split(",")]
     batches = np.array([w[args.batch_col] for w in wells], dtype=str) if args.align == "centerscale" else None
     is_control = evaluate.control_wells(wells, [w["perturbation"] for w in wells], args.control, "probe")
     curves = {}
     for task in args.task.split(","):
         labels = task_labels(wells, task, args.groups, control=args.control, keep_controls=args.keep_controls)
-        curves[task] = sweep(features, labels, train, validation, blocks, grid, batches, is_control, args.device)
-    best = {task: max(r, key=lambda b: r[b]["balanced_accuracy"]) for task, r in curves.items()}
-    rows = [[task, b, f"{r['balanced_accuracy']:.4f}", f"{r['accuracy']:.4f}", f"{r['chance_balanced']:.4f}",
-             f"{r['chance_accuracy']:.4f}", r["l2"], r["classes"], r["train_wells"], r["validation_wells"]]
+        curves[task] = sweep(features, labels, train, validation, test, blocks, grid, batches, is_control, args.device)
+    # the block is chosen on validation, like the penalty; the test accuracy is what is reported
+    best = {task: max(r, key=lambda b: r[b]["validation_balanced_accuracy"]) for task, r in curves.items()}
+    rows = [[task, b, f"{r['balanced_accuracy']:.4f}", f"{r['accuracy']:.4f}", f"{r['validation_balanced_accuracy']:.4f}",
+             f"{r['chance_balanced']:.4f}", f"{r['chance_accuracy']:.4f}", r["l2"], r["classes"], r["train_wells"],
+             r["validation_wells"], r["test_wells"]]
             for task, results in curves.items() for b, r in sorted(results.items())]
-    header = ["task", "block", "balanced_accuracy", "accuracy", "chance_balanced", "chance_accuracy", "l2",
-              "classes", "train_wells", "validation_wells"]
+    header = ["task", "block", "balanced_accuracy", "accuracy", "validation_balanced_accuracy", "chance_balanced",
+              "chance_accuracy", "l2", "classes", "train_wells", "validation_wells", "test_wells"]
     data.write_csv(out / "probe.csv", header, rows)
-    print(f"\n{'task':14} {'block':>5} {'bal.acc':>8} {'acc':>7} {'chance':>7} {'l2':>7}")
-    for task, b, bal, acc, chance, _, l2, *_ in rows:
-        print(f"{task:14} {b:5d} {bal:>8} {acc:>7} {chance:>7} {l2:7g}" + ("  <- best" if best[task] == b else ""))
-    report = dict(ckpt=args.ckpt, data=args.data, embeddings=args.embeddings, split_col=args.split_col, held_out=held_out,
+    print(f"\nsplit by {args.split_col}" + (f" within each {stratify}" if stratify else "") +
+          f": validation {', '.join(held_out['validation'])}; test {', '.join(held_out['test'])}")
+    print(f"{'task':14} {'block':>5} {'test bal.acc':>12} {'acc':>7} {'val bal.acc':>11} {'chance':>7} {'l2':>7}")
+    for task, b, bal, acc, val, chance, _, l2, *_ in rows:
+        print(f"{task:14} {b:5d} {bal:>12} {acc:>7} {val:>11} {chance:>7} {l2:7g}" + ("  <- chosen on validation" if best[task] == b else ""))
+    report = dict(ckpt=args.ckpt, data=args.data, embeddings=args.embeddings, split_col=args.split_col, stratify=stratify,
+                  held_out=held_out,
                   align=args.align, batch_col=args.batch_col,
                   best_block=best, curves={t: {str(b): r for b, r in c.items()} for t, c in curves.items()},
                   seconds=round(time.perf_counter() - started, 1))

@@ -45,21 +45,55 @@ def test_probe_recovers_a_planted_linear_signal():
     x = rng.normal(size=(2000, 200))
     y = (x[:, :10] @ rng.normal(size=(10, 4))).argmax(1)
     labels = np.array([f"class{v}" for v in y])
-    train = np.arange(2000) < 1500
-    result = probe.probe(x, labels, train, ~train)
+    train, validation = np.arange(2000) < 1500, (np.arange(2000) >= 1500) & (np.arange(2000) < 1750)
+    result = probe.probe(x, labels, train, validation, np.arange(2000) >= 1750)
     assert result["accuracy"] > 0.8 and result["classes"] == 4  # chance 0.25
-    noise = probe.probe(rng.normal(size=(2000, 200)), labels, train, ~train)
+    noise = probe.probe(rng.normal(size=(2000, 200)), labels, train, validation, np.arange(2000) >= 1750)
     assert abs(noise["balanced_accuracy"] - noise["chance_balanced"]) < 0.06
 
 
-def test_split_holds_out_whole_experiments():
-    wells = [dict(experiment=f"E{e}", plate=f"E{e}P{p}") for e in range(1, 5) for p in (1, 2) for _ in range(3)]
-    train, validation, held_out = probe.split_wells(wells, "experiment")
-    assert held_out == ["E4"] and train.sum() == 18 and validation.sum() == 6
+def test_split_holds_out_whole_experiments_within_each_cell_type():
+    """RxRx1's 51 experiments by sorted name held out the last quarter: RPE-04..11 and every U2OS one, so
+    U2OS was never trained on. Within each cell type, the last quarter tests and the quarter before it
+    validates (where the penalty and block are chosen): every cell type is on all three sides."""
+    counts = dict(HEPG2=11, HUVEC=24, RPE=11, U2OS=5)
+    wells = [dict(experiment=f"{c}-{e:02d}", cell_type=c) for c, n in counts.items() for e in range(1, n + 1) for _ in range(2)]
+    train, validation, test, held = probe.split_wells(wells, "experiment", "cell_type")
+    assert held["test"][-2:] == ["U2OS-04", "U2OS-05"] and held["validation"][-2:] == ["U2OS-02", "U2OS-03"]
+    cell = np.array([w["cell_type"] for w in wells])
+    for c in counts:
+        assert train[cell == c].any() and validation[cell == c].any() and test[cell == c].any(), c
     experiments = np.array([w["experiment"] for w in wells])
-    assert not set(experiments[train]) & set(experiments[validation])
-    with pytest.raises(SystemExit, match="one value only"):
-        probe.split_wells(wells[:6], "experiment")
+    assert not (train & validation).any() and not (train & test).any() and not (validation & test).any()
+    assert (train | validation | test).all() and not set(experiments[train]) & set(experiments[test])
+    _, _, _, unstratified = probe.split_wells(wells, "experiment")
+    assert all(e.startswith(("RPE", "U2OS")) for e in unstratified["test"])  # what the old split did
+    with pytest.raises(SystemExit, match=r"experiment: 2 value\(s\) \(E1, E2\); a train/validation/test split needs 3 or more"):
+        probe.split_wells([dict(experiment=e) for e in ("E1", "E2")], "experiment")
+
+
+def test_the_block_is_chosen_on_validation_and_scored_on_test(tmp_path):
+    """Block 1 carries the genes' signal everywhere but in the validation experiments; block 2, a weaker
+    one everywhere. Chosen on validation, block 2 wins, and its test accuracy is reported, though block 1
+    scores higher on test: picking by the reported split (as before) would have chosen block 1."""
+    rng = np.random.default_rng(3)
+    features, wells = plated_blocks(rng, experiments=4)
+    held = probe.split_wells(wells, "experiment")[3]
+    in_validation = np.array([w["experiment"] in held["validation"] for w in wells])
+    genes = np.array([w["perturbation"] for w in wells])
+    signal = {g: rng.normal(size=features.shape[2]) for g in set(genes)}
+    strong = np.array([3.0 * signal[g] for g in genes])
+    features[0] = rng.normal(size=features[0].shape) + np.where(in_validation[:, None], 0, strong)
+    features[1] = rng.normal(size=features[1].shape) + 0.2 * strong
+    np.save(tmp_path / "blocks.npy", features[:2].astype(np.float32))
+    data.write_csv(tmp_path / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+    report = probe.main(["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv"),
+                         "--out", str(tmp_path / "out"), "--align", "none"])
+    curve = report["curves"]["perturbation"]
+    assert report["best_block"]["perturbation"] == 2
+    assert curve["1"]["balanced_accuracy"] > curve["2"]["balanced_accuracy"]  # test would have picked block 1
+    assert curve["2"]["validation_balanced_accuracy"] > curve["1"]["validation_balanced_accuracy"]
+    assert report["held_out"]["test"] and not set(report["held_out"]["test"]) & set(report["held_out"]["validation"])
 
 
 def test_group_task_reads_groups_and_drops_controls(tmp_path):
@@ -125,7 +159,8 @@ def trained(tmp_path_factory):
 
 
 def test_block_search_trained_beats_untrained_and_trims(trained, capsys):
-    common = ["--data", str(trained / "crops"), "--task", "group", "--groups", str(trained / "groups.csv")]
+    # the tests screen has 2 experiments: the train/validation/test split goes by well (random positions per plate)
+    common = ["--data", str(trained / "crops"), "--task", "group", "--groups", str(trained / "groups.csv"), "--split_col", "well"]
     ours = probe.main(["--ckpt", str(trained / "run" / "model.pt"), "--out", str(trained / "p1"), "--trim"] + common)
     untrained = probe.main(["--ckpt", str(trained / "untrained.pt"), "--out", str(trained / "p2")] + common)
     curve = {int(b): r["balanced_accuracy"] for b, r in ours["curves"]["group"].items()}
@@ -185,7 +220,7 @@ def test_ranks_share_the_embedding_and_their_wells_equal_one_process(trained, tm
         shares = [int((tmp_path / f"{nproc}.npy.rank{r}").read_text()) for r in range(nproc)]
         assert sum(shares) == total and max(shares) <= total / nproc + 20, shares  # whole wells of 4 crops
     # probe.py itself, under torchrun: the same cache and the same curve as one process
-    common = ["--ckpt", model, "--data", crops, "--task", "group", "--groups", str(trained / "groups.csv")]
+    common = ["--ckpt", model, "--data", crops, "--task", "group", "--groups", str(trained / "groups.csv"), "--split_col", "well"]
     torchrun(2, "probe.py", *common, "--out", str(tmp_path / "p2"))
     single = probe.main(common + ["--out", str(tmp_path / "p1")])
     np.testing.assert_allclose(np.load(tmp_path / "p2" / "features.npy").astype(np.float32),

@@ -272,7 +272,7 @@ def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
                          crop_size=32, workers=2)
     torch.save({"state_dict": openphenom_state()}, tmp_path / "model.safetensors")
     report = probe.main(["--ckpt", str(tmp_path / "model.safetensors"), "--data", str(crops), "--out",
-                         str(tmp_path / "probe"), "--trim"])
+                         str(tmp_path / "probe"), "--trim", "--split_col", "well"])
     assert set(report["curves"]["perturbation"]) == {"1", "2"}
     assert len(mae.from_pretrained(tmp_path / "probe" / "trimmed.pt").blocks) == report["best_block"]["perturbation"]
     torch.save(timm_state(), tmp_path / "vit.pth")
