@@ -18,7 +18,8 @@ changed by hand; a step whose output is already there is skipped (delete OUT to 
                         cache of every block), hand-crafted features, and the planted phenotypes themselves
                         (the ceiling: no image, no noise)
   6. one table side by side -> OUT/table.md, table.json; pictures: OUT/train/recon_*.png, OUT/train/loss.png,
-                        and OUT/probe/probe.png with matplotlib
+                        and with matplotlib OUT/probe/probe.png (trained vs untrained per block) and
+                        OUT/eval_trained_best/map.png (the gene map in 2-D, coloured by complex)
 Extra --key=value arguments go to train.py (e.g. --max_steps=500, --seed=7); --screen_seed is the screen's.
 """
 
@@ -90,9 +91,10 @@ def main():
 
     # Block search: the group task (which complex a gene is in), as the paper's Anax probe
     probe_args = ["--data", crops, "--task", "group", "--groups", screen / "gene_groups.csv", "--trim"]
-    for name, ckpt in (("probe", train_dir / "model.pt"), ("probe_untrained", untrained)):
+    for name, ckpt, extra in (("probe_untrained", untrained, []),  # first: the trained curve is drawn beside it
+                              ("probe", train_dir / "model.pt", ["--baseline", out / "probe_untrained"])):
         if not (out / name / "probe.json").exists():
-            run("probe.py", "--ckpt", ckpt, *probe_args, "--out", out / name)
+            run("probe.py", "--ckpt", ckpt, *probe_args, *extra, "--out", out / name)
     probes = {name: json.loads((out / name / "probe.json").read_text()) for name in ("probe", "probe_untrained")}
 
     # Benchmarks: every map aligned (TVN on controls, per plate) and scored the same way. The networks'
@@ -131,8 +133,10 @@ def main():
                                              seconds=dict(to_trained=round(trained_at - started, 1),
                                                           total=round(time.perf_counter() - started, 1))))
     data.write_atomic(out / "table.md", lambda f: f.write(text.encode()))
-    pictures = [str(p) for p in [out / "probe" / "probe.png", train_dir / "loss.png", *sorted(train_dir.glob("recon_*.png"))] if p.exists()]
-    skipped = "" if (out / "probe" / "probe.png").exists() else " (probe.png needs matplotlib: pip install matplotlib)"
+    drawn = [out / "probe" / "probe.png", out / "eval_trained_best" / "map.png"]  # need matplotlib; the others do not
+    pictures = [str(p) for p in [*drawn, train_dir / "loss.png", *sorted(train_dir.glob("recon_*.png"))] if p.exists()]
+    skipped = "" if all(p.exists() for p in drawn) else \
+        f" (skipped {', '.join(str(p) for p in drawn if not p.exists())}: they need matplotlib, pip install matplotlib)"
     print(f"\n{text}\n{out / 'table.md'}; pictures: {', '.join(pictures)}{skipped}; {time.perf_counter() - started:.0f} s")
 
 

@@ -974,6 +974,68 @@ def read_embeddings(path, metadata):
     return features, wells
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None when matplotlib is not installed (pictures are optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png")
+    fig.clf()
+    Path(f"{path}.tmp.png").replace(path)
+    return path
+
+
+def plot_map(path, gene_map, gene_names, groups, shown=10):
+    """The perturbation map in 2-D (UMAP when umap-learn is installed, else the first two principal
+    components), the perturbations of the `shown` largest groups coloured; None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    x = np.asarray(gene_map, np.float64)
+    try:
+        import umap
+        xy, method = umap.UMAP(random_state=0).fit_transform(x), "UMAP"
+    except ImportError:
+        centered = x - x.mean(0)
+        xy, method = centered @ np.linalg.svd(centered, full_matrices=False)[2][:2].T, "PCA"
+    group_of = {}
+    for group, members in sorted(groups.items(), key=lambda item: -len(item[1])):
+        for name in members:
+            group_of.setdefault(name, group)
+    largest = [g for g, m in sorted(groups.items(), key=lambda item: -len(set(item[1]) & set(gene_names)))][:shown]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(*xy.T, s=6, color="lightgray", label="other")
+    for group in largest:
+        on = np.array([group_of.get(n) == group for n in gene_names])
+        if on.any():
+            ax.scatter(*xy[on].T, s=12, label=group[:30])
+    ax.set(title=f"perturbation map ({method}), {len(gene_names)} perturbations", xticks=[], yticks=[])
+    ax.legend(fontsize=6, markerscale=1.5, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_blocks(path, per_block):
+    """Benchmarks against the block they were embedded at: one line per benchmark."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    blocks = sorted(per_block)
+    for name in per_block[blocks[0]]:
+        ax.plot(blocks, [per_block[b][name] for b in blocks], marker="o", label=name)
+    ax.set(xlabel="block", ylabel="score", title="benchmarks per block")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def write_maps(out, aligned, well_rows, gene_map, gene_names, h5ad=False):
     """wells.parquet (the aligned wells) and perturbations.parquet (the aggregated map), each row with
     its keys; .h5ad of both with h5ad. Without pyarrow, one line says what was not written."""
@@ -1150,6 +1212,8 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
                                                        gene_map, gene_names, table)
         report["compound_gene"] = dict(summary, per_compound=per_compound)
     write_maps(out, aligned, [wells[i] for i in ids], gene_map, gene_names, h5ad)
+    if plot_map(out / "map.png", gene_map, gene_names, groups or corum_complexes(tables)) is None:
+        print(f"{out / 'map.png'} skipped: drawing it needs matplotlib (pip install matplotlib)")
     report["seconds"] = round(time.perf_counter() - started, 1)
     data.write_json(out / "report.json", report)
     data.write_csv(out / "consistency.csv", ["perturbation", "p_value"], sorted(p_values.items()))
@@ -1207,7 +1271,9 @@ def main(argv=None):
     parser.add_argument("--data", help="a prepared dataset (with --ckpt or --features)")
     parser.add_argument("--metadata", help="CSV, one row per row of --embeddings")
     parser.add_argument("--h5ad", action="store_true", help="also write wells.h5ad and perturbations.h5ad (AnnData, for scanpy)")
-    parser.add_argument("--block", type=int, help="embed after this block, or take it from [blocks, wells, D] --embeddings; None: the last")
+    parser.add_argument("--block", type=lambda v: v if v == "all" else int(v),
+                        help="embed after this block, or take it from [blocks, wells, D] --embeddings (all: each block, "
+                        "and blocks.csv / blocks.png of the benchmarks per block); None: the last")
     parser.add_argument("--out", required=True, help="folder of report.json, report.md, aligned.npy, ...")
     parser.add_argument("--align", default="tvn", choices=["none", "centerscale", "pca_centerscale", "tvn"], help="per batch, on its control wells (see align())")
     parser.add_argument("--pca_dims", default="0.99", type=lambda v: None if v == "all" else float(v) if "." in v else int(v),
@@ -1233,8 +1299,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    run = lambda features, out, described: evaluate(
+        features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
+        args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity, args.chromosome_arms,
+        args.drop, args.min_wells, dict(source=described, align=args.align, pca_dims=args.pca_dims, batch_col=args.batch_col,
+                                         aggregate=args.aggregate, control=args.control, sources=args.sources,
+                                         min_wells=args.min_wells, drop=args.drop),
+        read_groups(args.groups), args.null_size, args.consistency_p, args.h5ad)
+    if args.block == "all" and not args.embeddings:
+        parser.error("--block all reads the blocks of --embeddings (probe.py's features.npy)")
     if args.embeddings:
         features, wells = read_embeddings(args.embeddings, args.metadata)
+        if args.block == "all":  # every block benchmarked, and the curves
+            per_block = {}
+            for block in range(1, len(features) + 1):
+                report = run(features[block - 1], out / f"block_{block:02d}", f"{args.embeddings} block {block}")
+                per_block[block] = {"CORUM recall 5/95": report["recall"]["CORUM"]["recall_0.05_0.95"],
+                                    f"consistent p<{args.consistency_p:g}": report["consistency"]["fraction_p_below"],
+                                    **{f"mAP {k}": m["mean_map"] for k, m in report["map"].items()}}
+            names = list(per_block[1])
+            data.write_csv(out / "blocks.csv", ["block"] + names, [[b] + [v[n] for n in names] for b, v in per_block.items()])
+            if plot_blocks(out / "blocks.png", per_block) is None:
+                print(f"{out / 'blocks.png'} skipped: drawing it needs matplotlib (pip install matplotlib)")
+            return per_block
         block = len(features) if args.block is None else args.block
         if not 1 <= block <= len(features):
             parser.error(f"--block {block}: {args.embeddings} holds {len(features)} block(s)")
@@ -1262,12 +1349,7 @@ def main(argv=None):
         data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
     else:
         parser.error("give --ckpt or --features with --data, or --embeddings (with --metadata for a .npy)")
-    settings = dict(source=described, align=args.align, pca_dims=args.pca_dims, batch_col=args.batch_col, aggregate=args.aggregate,
-                    control=args.control, sources=args.sources, min_wells=args.min_wells, drop=args.drop)
-    return evaluate(features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
-             args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity,
-             args.chromosome_arms, args.drop, args.min_wells, settings, read_groups(args.groups), args.null_size,
-             args.consistency_p, args.h5ad)
+    return run(features, out, described)
 
 
 if __name__ == "__main__":

@@ -168,26 +168,25 @@ def sweep(features, labels, train, validation, test, blocks, grid, batches=None,
 
 # ---- output ---------------------------------------------------------------------------------------------
 
-def plot_curve(path, curves):
-    """block vs balanced accuracy per task, as a PNG (matplotlib, optional: skipped without it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def plot_curve(path, curves, baseline=None):
+    """block vs test balanced accuracy per task, as a PNG, with another run's curves dashed (--baseline:
+    e.g. the same network untrained); None without matplotlib."""
+    plt = evaluate.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for task, points in curves.items():
         blocks = sorted(points)
         ax.plot(blocks, [points[b]["balanced_accuracy"] for b in blocks], marker="o", label=task)
-        ax.axhline(points[blocks[0]]["chance_balanced"], ls=":", color=ax.lines[-1].get_color())
+        color = ax.lines[-1].get_color()
+        ax.axhline(points[blocks[0]]["chance_balanced"], ls=":", color=color)
+        other = (baseline or {}).get(task)
+        if other:
+            ax.plot(sorted(map(int, other)), [other[str(b)]["balanced_accuracy"] for b in sorted(map(int, other))],
+                    ls="--", color=color, label=f"{task}, baseline")
     ax.set(xlabel="block", ylabel="balanced accuracy (test)", title="linear probe per block (dotted: chance)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png")
-    plt.close(fig)
-    Path(f"{path}.tmp.png").replace(path)
-    return path
+    return evaluate.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -214,6 +213,7 @@ def main(argv=None):
     parser.add_argument("--control", default="non-targeting", help="the perturbation name of control wells")
     parser.add_argument("--grid", default="0.1,0.01,0.001,0.0001", help="L2 penalties tried")
     parser.add_argument("--trim", action="store_true", help="write trimmed.pt: the encoder cut at the best block (of the first task)")
+    parser.add_argument("--baseline", help="another probe.py --out folder (e.g. the untrained network's), drawn dashed in probe.png")
     parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds and the probes fit")
     args = parser.parse_args(argv)
@@ -263,7 +263,8 @@ def main(argv=None):
                   align=args.align, batch_col=args.batch_col,
                   best_block=best, curves={t: {str(b): r for b, r in c.items()} for t, c in curves.items()},
                   seconds=round(time.perf_counter() - started, 1))
-    picture = plot_curve(out / "probe.png", curves)
+    baseline = json.loads((Path(args.baseline) / "probe.json").read_text())["curves"] if args.baseline else None
+    picture = plot_curve(out / "probe.png", curves, baseline)
     if picture is None:
         print(f"{out / 'probe.png'} skipped: drawing it needs matplotlib (pip install matplotlib)")
     if args.trim:

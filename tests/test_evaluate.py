@@ -714,3 +714,31 @@ def test_profiles_are_parquet_with_their_keys_and_a_shuffled_csv_is_refused(tmp_
     with pytest.raises(SystemExit, match=r"x.npy: shape \(1, 92, 8\) does not match the 91 rows of"):
         data.write_csv(tmp_path / "short.csv", list(rows[0]), [list(r.values()) for r in rows[:-1]])
         evaluate.read_embeddings(tmp_path / "x.npy", tmp_path / "short.csv")
+
+
+def test_pictures_per_block_curves_and_the_map(tmp_path, annotations):
+    """evaluate.py --block all on a blocks file benchmarks every block: blocks.csv holds each block's
+    report figures and blocks.png draws them; every report draws map.png. Without matplotlib, a line
+    names each skipped picture and the command to get it (run as a user would, matplotlib made
+    unimportable)."""
+    pytest.importorskip("matplotlib", reason="the pictures (tests/requirements.txt)")
+    args = degenerate_inputs(tmp_path, annotations, "fine")
+    x = np.load(tmp_path / "x.npy")
+    np.save(tmp_path / "blocks.npy", np.stack([x, x[:, ::-1] * 2, x + 1]))
+    common = ["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv"),
+              "--annotations", str(annotations), "--null_size", "200"]
+    per_block = evaluate.main(common + ["--block", "all", "--out", str(tmp_path / "all")])
+    rows = data.read_csv(tmp_path / "all" / "blocks.csv")
+    assert [r["block"] for r in rows] == ["1", "2", "3"]
+    for r in rows:
+        report = json.loads((tmp_path / "all" / f"block_{int(r['block']):02d}" / "report.json").read_text())
+        assert float(r["mAP activity"]) == pytest.approx(report["map"]["activity"]["mean_map"])
+        assert per_block[int(r["block"])]["mAP activity"] == report["map"]["activity"]["mean_map"]
+    for picture in (tmp_path / "all" / "blocks.png", tmp_path / "all" / "block_01" / "map.png"):
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import evaluate; evaluate.main()",
+                          *common, "--block", "all", "--out", str(tmp_path / "bare")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for picture in ("block_01/map.png", "blocks.png"):
+        assert f"{tmp_path / 'bare' / picture} skipped: drawing it needs matplotlib (pip install matplotlib)" in run.stdout
+        assert not (tmp_path / "bare" / picture).exists()

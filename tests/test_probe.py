@@ -94,6 +94,11 @@ def test_the_block_is_chosen_on_validation_and_scored_on_test(tmp_path):
     assert curve["1"]["balanced_accuracy"] > curve["2"]["balanced_accuracy"]  # test would have picked block 1
     assert curve["2"]["validation_balanced_accuracy"] > curve["1"]["validation_balanced_accuracy"]
     assert report["held_out"]["test"] and not set(report["held_out"]["test"]) & set(report["held_out"]["validation"])
+    # probe.png: this run's curve, another run's (--baseline) dashed beside it
+    pytest.importorskip("matplotlib", reason="the pictures (tests/requirements.txt)")
+    probe.main(["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv"),
+                "--out", str(tmp_path / "again"), "--baseline", str(tmp_path / "out")])
+    assert (tmp_path / "again" / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_group_task_reads_groups_and_drops_controls(tmp_path):
