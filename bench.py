@@ -259,7 +259,6 @@ def embed_figures(presets, batch_size, crops=2048):
             rate = len(dataset) / (time.perf_counter() - start)
             mfu = f"MFU {rate * model.flops_per_crop(6, train=False) / peak:.1%}" if peak else "MFU: no GPU peak known"
             print(f"{label:10} {rate:9.1f} crops/s  {mfu}  ({len(blocks)} blocks kept per crop)")
-            del model
 
 
 def efaar_reference():

@@ -722,7 +722,7 @@ def test_pictures_per_block_curves_and_the_map(tmp_path, annotations):
     names each skipped picture and the command to get it (run as a user would, matplotlib made
     unimportable)."""
     pytest.importorskip("matplotlib", reason="the pictures (tests/requirements.txt)")
-    args = degenerate_inputs(tmp_path, annotations, "fine")
+    degenerate_inputs(tmp_path, annotations, "fine")
     x = np.load(tmp_path / "x.npy")
     np.save(tmp_path / "blocks.npy", np.stack([x, x[:, ::-1] * 2, x + 1]))
     common = ["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv"),

@@ -11,7 +11,6 @@ import torch
 import data
 import synth
 import model as mae
-import evaluate
 import probe
 
 sklearn_linear = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is a test-only dependency")
