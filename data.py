@@ -569,7 +569,9 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
         todo = [job for job in mine if job[1] not in manifests]
         if len(todo) < len(mine):
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
-        with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        # One thread per worker process: each is one core's work, and a forked child that enters torch's
+        # OpenMP pool (to_uint8's bincount) after the parent used it hangs forever (GNU OpenMP is not fork-safe).
+        with ProcessPoolExecutor(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = [pool.submit(prepare_shard, job) for job in todo]
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), desc="prepare", unit="shard"):

@@ -181,6 +181,19 @@ def test_resume_after_a_kill_finishes_without_duplicates_or_gaps(tmp_path):
     assert resumed_rows == whole_rows
 
 
+def test_prepare_after_torch_used_its_threads_does_not_hang(tmp_path):
+    """A process that ran a multi-threaded torch op (any test before, bench.py, a notebook) and then
+    prepares: its forked workers entered torch's OpenMP pool in to_uint8 and hung forever (seen: the
+    suite stopped in CI-like runs without OMP_NUM_THREADS). Now each worker runs one thread."""
+    images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint16)
+    code = ("import sys, torch, data; torch.set_num_threads(2); x = torch.randn(1500, 1500); (x @ x).sum(); "
+            "torch.bincount(torch.randint(0, 9, (5_000_000,))); "
+            "data.prepare(sys.argv[1], sys.argv[2], sys.argv[3], crop_size=32, workers=2)")
+    run = subprocess.run([sys.executable, "-c", code, str(images), str(metadata), str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and (tmp_path / "out" / "meta.json").exists(), run.stderr[-2000:]
+
+
 def test_a_different_prepare_into_the_same_folder_is_refused(tmp_path):
     images, metadata, _ = write_screen(tmp_path, "channels-first", np.uint8)
     prepare(images, metadata, tmp_path / "out", crop_size=32)
