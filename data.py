@@ -48,7 +48,7 @@ def write_atomic(path, write):
         with open(tmp, "xb") as f:
             write(f)
     except BaseException:  # a full disk, a kill: no half-written file stays behind
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
 
@@ -292,13 +292,10 @@ def load_data_sites(load_data, rows, channels):
 
 @functools.lru_cache(maxsize=8)  # a site's channels are usually neighbours in a row group
 def table_row_group(table, k):
-    """Row group k of a table's image column, and the table's row number where it starts."""
-    pq = pyarrow_parquet(table)
-    file = pq.ParquetFile(table)
+    """Row group k of a table's image column."""
+    file = pyarrow_parquet(table).ParquetFile(table)
     column = file.read_row_group(k, columns=[image_column(table, file.schema_arrow)]).column(0).combine_chunks()
-    if hasattr(column, "field"):  # a hub's image struct {bytes, path}
-        column = column.field("bytes")
-    return column, sum(file.metadata.row_group(j).num_rows for j in range(k))
+    return column.field("bytes") if hasattr(column, "field") else column  # a hub's image struct {bytes, path}
 
 
 @functools.lru_cache(maxsize=64)
@@ -310,9 +307,9 @@ def row_group_starts(table):
 def table_image_bytes(location):
     """The encoded image at 'TABLE#ROW'."""
     table, row = location.rsplit("#", 1)
-    k = int(np.searchsorted(row_group_starts(table), int(row), side="right")) - 1
-    column, start = table_row_group(table, k)
-    return column[int(row) - start].as_py()
+    starts = row_group_starts(table)
+    k = int(np.searchsorted(starts, int(row), side="right")) - 1
+    return table_row_group(table, k)[int(row) - int(starts[k])].as_py()
 
 
 def read_image(path):

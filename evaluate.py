@@ -69,16 +69,16 @@ def barrier():
 
 
 @torch.no_grad()
-def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_dtype=np.float16):
+def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_dtype=np.float16, table=None):
     """Average encode(crops) -> [K, B, D] (e.g. model.embed(x, blocks): K blocks from ONE pass) over
     each well's crops. Written as store_dtype [K, wells, D] to out_path (memory-mappable, under a
     temporary name until complete): only one batch of crops and one partial well are ever in memory.
     Under torchrun each rank embeds a contiguous run of whole wells (as many crops each as the ranks
     share evenly) and writes their means into the one file, so the ranks' sums never meet and the
-    result is the one-process result (up to the batches' float rounding). Returns the memory map and
-    the wells' metadata rows."""
+    result is the one-process result (up to the batches' float rounding). table: well_table(dataset),
+    when the caller has read it already. Returns the memory map and the wells' metadata rows."""
     rank, world_size = torchrun_rank()
-    well_of_crop, wells = well_table(dataset)
+    well_of_crop, wells = table or well_table(dataset)
     order = np.argsort(well_of_crop, kind="stable")   # crops of a well are consecutive
     counts = np.bincount(well_of_crop, minlength=len(wells))
     ends = np.cumsum(counts)                           # position in `order` after each well's last crop
@@ -721,9 +721,8 @@ def average_precisions(meta, feats, pos_sameby, pos_diffby, neg_sameby, neg_diff
             pos, neg = torch.from_numpy(positive[r][:, cols]), torch.from_numpy(negative[r][:, cols])
             m = pos.sum(1)
             closest = torch.where(pos, distance, torch.inf).topk(int(m.max()), 1, largest=False).values
-            below = (torch.where(neg, distance, torch.inf)[:, None, :] < closest[:, :, None]).sum(-1)
+            below = (torch.where(neg, distance, torch.inf)[:, None, :] < closest[:, :, None]).sum(-1).double()
             k = torch.arange(1, closest.shape[1] + 1, dtype=torch.float64)
-            below = below.double()
             precision = torch.where(k <= m[:, None], k / (k + below), 0)
             ap[rows[r]] = (precision.sum(1) / m).numpy()
     return ap, n_pos, n_total
@@ -987,9 +986,8 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png")
+    data.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     fig.clf()
-    Path(f"{path}.tmp.png").replace(path)
     return path
 
 
@@ -1195,7 +1193,8 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         aligned, dict(perturbation=replicates, reference=reference), ["perturbation", "reference"], [], [],
         ["perturbation", "reference"], "perturbation", null_size)
     # ... and phenotypic consistency: perturbations sharing a group label (--groups; CORUM complexes by default)
-    membership = [(g, n) for g, names in (groups or corum_complexes(tables)).items() for n in names]
+    groups_from, groups = ("--groups", groups) if groups else ("CORUM complexes", corum_complexes(tables))
+    membership = [(g, n) for g, names in groups.items() for n in names]
     index_of = {n: i for i, n in enumerate(gene_names)}
     membership = [(g, n) for g, n in membership if n in index_of]
     consistency_table = {}
@@ -1203,7 +1202,7 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
         report["map"]["consistency"], consistency_table = map_benchmark(
             gene_map[[index_of[n] for _, n in membership]], dict(group=[g for g, _ in membership], perturbation=[n for _, n in membership]),
             ["group"], ["perturbation"], [], ["group", "perturbation"], "group", null_size)
-        report["map"]["consistency"]["groups_from"] = "--groups" if groups else "CORUM complexes"
+        report["map"]["consistency"]["groups_from"] = groups_from
     compounds = kind == "compound"
     if compound_activity and compounds.any():
         names, compound_map = aggregate(aligned[np.flatnonzero(compounds)], replicates[compounds], aggregate_method)
@@ -1212,7 +1211,7 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
                                                        gene_map, gene_names, table)
         report["compound_gene"] = dict(summary, per_compound=per_compound)
     write_maps(out, aligned, [wells[i] for i in ids], gene_map, gene_names, h5ad)
-    if plot_map(out / "map.png", gene_map, gene_names, groups or corum_complexes(tables)) is None:
+    if plot_map(out / "map.png", gene_map, gene_names, groups) is None:
         print(f"{out / 'map.png'} skipped: drawing it needs matplotlib (pip install matplotlib)")
     report["seconds"] = round(time.perf_counter() - started, 1)
     data.write_json(out / "report.json", report)
@@ -1299,13 +1298,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    null_perturbations, groups = read_lines(args.null_perturbations), read_groups(args.groups)
     run = lambda features, out, described: evaluate(
         features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
-        args.annotations, args.sources, read_lines(args.null_perturbations), args.compound_activity, args.chromosome_arms,
+        args.annotations, args.sources, null_perturbations, args.compound_activity, args.chromosome_arms,
         args.drop, args.min_wells, dict(source=described, align=args.align, pca_dims=args.pca_dims, batch_col=args.batch_col,
                                          aggregate=args.aggregate, control=args.control, sources=args.sources,
                                          min_wells=args.min_wells, drop=args.drop),
-        read_groups(args.groups), args.null_size, args.consistency_p, args.h5ad)
+        groups, args.null_size, args.consistency_p, args.h5ad)
     if args.block == "all" and not args.embeddings:
         parser.error("--block all reads the blocks of --embeddings (probe.py's features.npy)")
     if args.embeddings:
@@ -1329,8 +1329,9 @@ def main(argv=None):
         features = features[block - 1]
     elif args.data and (args.ckpt or args.features):
         dataset = data.CropDataset(args.data)
-        check_labels(well_table(dataset)[1], args.batch_col, args.perturbation_col, args.control, args.annotations,
-                     args.sources, read_lines(args.null_perturbations), args.drop, args.min_wells, args.consistency_p)
+        table = well_table(dataset)  # read once: the check before embedding, then the embedding
+        check_labels(table[1], args.batch_col, args.perturbation_col, args.control, args.annotations,
+                     args.sources, null_perturbations, args.drop, args.min_wells, args.consistency_p)
         device = rank_device(args.device)
         if args.ckpt:
             model = mae.from_pretrained(args.ckpt, device).eval()
@@ -1342,7 +1343,7 @@ def main(argv=None):
         else:
             encode = lambda x: handcrafted_features(x.cpu())[None].to(x.device)
             described = "hand-crafted features"
-        features, wells = embed_wells(encode, dataset, out / "embeddings.npy", args.batch_size, device)
+        features, wells = embed_wells(encode, dataset, out / "embeddings.npy", args.batch_size, device, table=table)
         if not finish_embedding():
             return None
         features = features[0]

@@ -140,10 +140,10 @@ def probe(x, labels, train, validation, test, grid=(1e-1, 1e-2, 1e-3, 1e-4), dev
     scored = lambda split: split & np.isin(labels, names)
     truth = lambda split: torch.as_tensor([index[label] for label in labels[scored(split)]], device=device, dtype=torch.long)
     predict = lambda params, split: (x[scored(split)] @ params[0] + params[1]).argmax(1)
-    best, params = None, None
+    best, params, y_validation = None, None, truth(validation)
     for l2 in grid:
         params = fit_logistic(x[train], y_train, len(names), l2, params)
-        chosen_by = balanced_accuracy(truth(validation), predict(params, validation))
+        chosen_by = balanced_accuracy(y_validation, predict(params, validation))
         if best is None or chosen_by > best[0]:
             best = (chosen_by, l2, params)
     y_test, predicted = truth(test), predict(best[2], test)
