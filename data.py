@@ -330,7 +330,8 @@ def read_image(path):
             raise SystemExit(f"{path}: this TIFF's compression needs imagecodecs: pip install imagecodecs") from None
         kind = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jp2": "JPEG 2000", ".jpg": "JPEG",
                 ".jpeg": "JPEG"}.get(Path(path).suffix.lower(), "image")
-        raise BadImage(f"unreadable {kind} ({type(e).__name__}: {e})") from None
+        # imagecodecs guessing a format lists every codec it tried, a line each: the first line says it
+        raise BadImage(f"unreadable {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def tiff_header(path):
