@@ -14,6 +14,7 @@ channel, T tokens (N for standard tokenization, C*N for channel-agnostic), D wid
 import json
 import os
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,6 +57,8 @@ class MAEConfig:
     # for timm ViTs loaded by weights.py, which need them: no class token, a learned position table
     class_token: bool = True      # False only for loaded ViTs made without one (no decoder then)
     learned_pos: bool = False     # a learned table (resampled for other crop sizes) instead of fixed sin-cos
+    pre_norm: bool = False        # a LayerNorm on the tokens before the first block (CLIP ViTs)
+    mlp_act: str = "gelu"         # the MLP's activation: gelu, gelu_tanh (approximate), quick_gelu (OpenAI CLIP)
 
     @staticmethod
     def from_preset(name, **overrides):
@@ -116,6 +119,10 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"),
+               "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim, init):
         super().__init__()
@@ -147,9 +154,10 @@ class Attention(nn.Module):
 class SequentialBlock(nn.Module):
     """Pre-norm ViT block: x + attn(norm(x)), then x + mlp(norm(x)), each under its LayerScale."""
     def __init__(self, dim, heads, mlp_dim, qk_norm=False, qkv_bias=True, layerscale_init=0.0,
-                 drop_path=0.0, eps=1e-6):
+                 drop_path=0.0, eps=1e-6, act="gelu"):
         super().__init__()
         self.drop_path = drop_path
+        self.act = ACTIVATIONS[act]
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn = Attention(dim, heads, qk_norm, eps)
@@ -162,7 +170,7 @@ class SequentialBlock(nn.Module):
     def forward(self, x):  # [B, T, D], the residual stream in fp32 (see ParallelBlock.forward)
         h = self.ls1(self.attn(self.qkv(self.norm1(x.to(self.norm1.weight.dtype)))))
         x = x + drop_path(h, self.drop_path, self.training).to(x.dtype)
-        h = self.ls2(self.fc2(F.gelu(self.fc1(self.norm2(x.to(self.norm2.weight.dtype))))))
+        h = self.ls2(self.fc2(self.act(self.fc1(self.norm2(x.to(self.norm2.weight.dtype))))))
         return x + drop_path(h, self.drop_path, self.training).to(x.dtype)
 
 
@@ -170,9 +178,10 @@ class ParallelBlock(nn.Module):
     """The released models' block: one LayerNorm, one fused projection to [MLP hidden | q | k | v],
     attention and MLP computed side by side and summed under ONE LayerScale."""
     def __init__(self, dim, heads, mlp_dim, qk_norm=True, qkv_bias=False, layerscale_init=1e-4,
-                 drop_path=0.0, eps=1e-6):
+                 drop_path=0.0, eps=1e-6, act="gelu"):
         super().__init__()
         self.drop_path = drop_path
+        self.act = ACTIVATIONS[act]
         self.mlp_dim = mlp_dim
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.in_proj = nn.Linear(dim, mlp_dim + 3 * dim, bias=False)
@@ -189,7 +198,7 @@ class ParallelBlock(nn.Module):
         hidden, qkv = self.in_proj(self.norm(x.to(self.norm.weight.dtype))).split([self.mlp_dim, 3 * x.shape[-1]], dim=-1)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        y = self.attn(qkv) + self.mlp_out(F.gelu(hidden + self.mlp_bias.to(hidden.dtype)))  # bf16 under autocast too
+        y = self.attn(qkv) + self.mlp_out(self.act(hidden + self.mlp_bias.to(hidden.dtype)))  # bf16 under autocast too
         return x + drop_path(self.ls(y), self.drop_path, self.training).to(x.dtype)
 
 
@@ -207,7 +216,8 @@ class MAE(nn.Module):
         Block = ParallelBlock if c.parallel_blocks else SequentialBlock
         self.blocks = nn.ModuleList(
             Block(c.dim, c.heads, c.mlp_dim, c.qk_norm, c.qkv_bias, c.layerscale_init,
-                  c.drop_path * i / max(c.depth - 1, 1), c.norm_eps) for i in range(c.depth))
+                  c.drop_path * i / max(c.depth - 1, 1), c.norm_eps, c.mlp_act) for i in range(c.depth))
+        self.norm_pre = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)  # before the decoder only; embeddings are raw tokens
         # decoder: standard MAE blocks; in CA a learned token per channel tells it which channel to predict.
         # dec_depth 0: none at all (a trimmed encoder, for inference)
@@ -324,10 +334,12 @@ class MAE(nn.Module):
         return visible, mask.gather(1, ids_restore), ids_restore
 
     def with_cls(self, tokens):
-        if self.cls_token is None:
-            return tokens
-        cls = self.cls_token if self.pos_table is None else self.cls_token + self.pos_table[:1]
-        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        """The class token (with its learned position, if any) before the tokens; then the pre-norm of
+        the ViTs that have one: what the first block sees."""
+        if self.cls_token is not None:
+            cls = self.cls_token if self.pos_table is None else self.cls_token + self.pos_table[:1]
+            tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.norm_pre(tokens)
 
     # ---- MAE training ---------------------------------------------------------------------------
 
@@ -435,10 +447,10 @@ class MAE(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu"):
+    def from_pretrained(cls, path, device="cpu", **foreign):
         """MAE.from_pretrained(path): this project's checkpoints or weights made elsewhere (see the
         module function from_pretrained, which this calls)."""
-        return from_pretrained(path, device)
+        return from_pretrained(path, device, **foreign)
 
     # ---- accounting -----------------------------------------------------------------------------
 
@@ -509,14 +521,17 @@ def save_consolidated(path, config, state_dict, **extra):
     os.replace(tmp, path)
 
 
-def from_pretrained(path, device="cpu"):
+def from_pretrained(path, device="cpu", heads=None, arch=None, parallel_bias=None):
     """Load weights into an MAE, the config read from the weights themselves:
     - this project's checkpoints: model.pt (end of training), trimmed.pt (probe.py --trim), or a
       training checkpoint folder (torch.distributed.checkpoint, any number of ranks, consolidated here);
       any other folder is read through the weights file in it (a hub download's model.safetensors);
     - weights made elsewhere, translated by weights.py: the OpenPhenom release (CA-MAE-S/16,
       model.safetensors or a torch file in maes_microscopy's layout; its encoder, not its decoders), and
-      timm VisionTransformer state dicts (DINOv2, ImageNet MAE ViTs, ...; the encoder)."""
+      timm VisionTransformer state dicts (DINOv2, ImageNet MAE ViTs, ...; the encoder).
+    For weights made elsewhere (see weights.translate): heads / arch (a timm name) for a ViT whose
+    tensors do not tell its heads, when no config.json beside it names the architecture; parallel_bias
+    "timm0.9" or "timm1.0", which timm's ParallelScalingBlock the weights were trained with."""
     path = Path(path)
     if (path / "train.json").is_file():  # a training checkpoint folder
         model = build(MAEConfig(**json.loads((path / "train.json").read_text())["model_config"]), device, verbose=False)
@@ -528,7 +543,7 @@ def from_pretrained(path, device="cpu"):
     if "config" in state and "model" in state:
         config, tensors = MAEConfig(**state["config"]), state["model"]
     else:
-        fields, tensors = weights.translate(state, path, sincos_2d)
+        fields, tensors = weights.translate(state, path, sincos_2d, heads, arch, parallel_bias)
         config = MAEConfig(**fields)
     model = build(config, device, verbose=False)
     model.load_state_dict(tensors)

@@ -1,5 +1,8 @@
-"""Loading weights made elsewhere: the OpenPhenom release's layout (maes_microscopy), built here with
-random weights, recomputed here straight from the layout's definition."""
+"""Loading weights made elsewhere: the OpenPhenom release's layout (maes_microscopy, trained with timm
+0.9), built here with random weights and recomputed from the layout's definition written out; timm's
+ViTs against timm itself."""
+
+from functools import partial
 
 import pytest
 import torch
@@ -7,6 +10,10 @@ import torch.nn.functional as F
 
 import model as mae
 import weights
+
+timm = pytest.importorskip("timm", reason="timm is in tests/requirements.txt")
+from timm.models import save_for_hf  # noqa: E402
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer  # noqa: E402
 
 P = weights.OPENPHENOM
 
@@ -49,8 +56,8 @@ def openphenom_state(dim=64, depth=2, head_dim=16, mlp=256, patch=8, grid=4, cha
 def reference_embedding(s, crops, head_dim=16, eps=1e-6):
     """The layout's forward written out: uint8 / 255, per-crop per-channel instance norm (biased var,
     eps 1e-5), one 1->D patch projection per channel, channel-major tokens + the frozen table, class
-    token first; timm's ParallelScalingBlock as timm computes it (bias = cat(qkv_bias = 0, mlp_bias) on
-    the [mlp | q | k | v] projection); the mean of the last block's patch tokens."""
+    token first; timm 0.9's ParallelScalingBlock (timm09_parallel_block); the mean of the last block's
+    patch tokens."""
     x = crops.float() / 255
     var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)
     x = (x - mean) / torch.sqrt(var + 1e-5)
@@ -63,20 +70,25 @@ def reference_embedding(s, crops, head_dim=16, eps=1e-6):
     h = torch.cat([s[P + "cls_token"].expand(B, -1, -1), t + s[P + "pos_embed"][:, 1:1 + C * n]], 1)
     depth = 1 + max(int(k.split(".")[3]) for k in s if k.startswith(P + "blocks."))
     for i in range(depth):
-        b = f"{P}blocks.{i}."
-        y = F.layer_norm(h, (dim,), s[b + "in_norm.weight"], s[b + "in_norm.bias"], eps)
-        mlp = s[b + "mlp_bias"].shape[0]
-        y = F.linear(y, s[b + "in_proj.weight"], torch.cat([torch.zeros(3 * dim), s[b + "mlp_bias"]]))
-        x_mlp, q, k, v = torch.split(y, [mlp, dim, dim, dim], dim=-1)
-        heads = dim // head_dim
-        split = lambda z: z.view(B, -1, heads, head_dim).transpose(1, 2)
-        q = F.layer_norm(split(q), (head_dim,), s[b + "q_norm.weight"], s[b + "q_norm.bias"], eps)
-        k = F.layer_norm(split(k), (head_dim,), s[b + "k_norm.weight"], s[b + "k_norm.bias"], eps)
-        attn = torch.softmax(q @ k.transpose(-2, -1) / head_dim ** 0.5, -1) @ split(v)
-        attn = F.linear(attn.transpose(1, 2).reshape(B, -1, dim), s[b + "attn_out_proj.weight"], s[b + "attn_out_proj.bias"])
-        out = F.linear(F.gelu(x_mlp), s[b + "mlp_out_proj.weight"], s[b + "mlp_out_proj.bias"])
-        h = h + s[b + "ls.gamma"] * (attn + out)
+        h = timm09_parallel_block(s, f"{P}blocks.{i}.", h, head_dim, eps)
     return h[:, 1:].mean(1)
+
+
+def timm09_parallel_block(s, b, h, head_dim, eps):
+    """timm 0.9's ParallelScalingBlock (the tensors under prefix b), as it computed: the bias
+    cat(qkv_bias = 0, mlp_bias) on the [mlp | q | k | v] projection."""
+    B, _, dim = h.shape
+    y = F.layer_norm(h, (dim,), s[b + "in_norm.weight"], s[b + "in_norm.bias"], eps)
+    mlp = s[b + "mlp_bias"].shape[0]
+    y = F.linear(y, s[b + "in_proj.weight"], torch.cat([torch.zeros(3 * dim), s[b + "mlp_bias"]]))
+    x_mlp, q, k, v = torch.split(y, [mlp, dim, dim, dim], dim=-1)
+    split = lambda z: z.view(B, -1, dim // head_dim, head_dim).transpose(1, 2)
+    q = F.layer_norm(split(q), (head_dim,), s[b + "q_norm.weight"], s[b + "q_norm.bias"], eps)
+    k = F.layer_norm(split(k), (head_dim,), s[b + "k_norm.weight"], s[b + "k_norm.bias"], eps)
+    attn = torch.softmax(q @ k.transpose(-2, -1) / head_dim ** 0.5, -1) @ split(v)
+    attn = F.linear(attn.transpose(1, 2).reshape(B, -1, dim), s[b + "attn_out_proj.weight"], s[b + "attn_out_proj.bias"])
+    out = F.linear(F.gelu(x_mlp), s[b + "mlp_out_proj.weight"], s[b + "mlp_out_proj.bias"])
+    return h + s[b + "ls.gamma"] * (attn + out)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 6, 11])
@@ -128,134 +140,172 @@ def test_every_tensor_is_accounted_for(tmp_path):
         weights.from_openphenom(wrong, mae.sincos_2d)
 
 
-# ---- timm VisionTransformer layouts ---------------------------------------------------------------------
-# timm itself imports torchvision, whose PyPI build does not load with the CPU torch wheel CI installs;
-# so, as for OpenPhenom, the layouts are built here and the forward is written out from timm's code.
+# ---- timm VisionTransformer layouts, against timm itself ---------------------------------------------
+# The real package (tests/requirements.txt pins it): its models built with random weights, every tensor
+# perturbed (timm starts biases at 0, norms at 1, LayerScale at its init: a loader that dropped or
+# misplaced one would still match), written by timm's own hub writer, embedded by timm's
+# forward_intermediates at the first, middle and last block, natively and at a resampled size.
 
-def timm_state(dim=128, depth=2, mlp=256, patch=8, grid=4, class_token=True, qkv_bias=True, qk_norm=False,
-               layerscale=False, parallel=False, seed=0):
+
+
+def perturbed(vit, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape, scale=0.1: torch.randn(*shape, generator=g) * scale
-    s = {"patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim),
-         "pos_embed": r(1, class_token + grid * grid, dim, scale=0.5), "norm.weight": 1 + r(dim), "norm.bias": r(dim),
-         "head.weight": r(10, dim), "head.bias": r(10)}
-    if class_token:
-        s["cls_token"] = r(1, 1, dim)
-    for i in range(depth):
-        b = f"blocks.{i}."
-        if parallel:  # a ParallelScalingBlock, as in the OpenPhenom layout
-            s.update({k.replace(P + "blocks.0.", b): v for k, v in openphenom_state(dim, 1, 16, mlp, seed=seed + i).items()
-                      if k.startswith(P + "blocks.0.")})
-            continue
-        s.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim),
-                  b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim), b + "norm2.weight": 1 + r(dim),
-                  b + "norm2.bias": r(dim), b + "mlp.fc1.weight": r(mlp, dim), b + "mlp.fc1.bias": r(mlp),
-                  b + "mlp.fc2.weight": r(dim, mlp), b + "mlp.fc2.bias": r(dim)})
-        if qkv_bias:
-            s[b + "attn.qkv.bias"] = r(3 * dim)
-        if qk_norm:
-            s.update({b + "attn.q_norm.weight": 1 + r(16), b + "attn.q_norm.bias": r(16),
-                      b + "attn.k_norm.weight": 1 + r(16), b + "attn.k_norm.bias": r(16)})
-        if layerscale:
-            s.update({b + "ls1.gamma": r(dim, scale=0.5), b + "ls2.gamma": r(dim, scale=0.5)})
-    return s
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return vit.eval()
 
 
-def timm_reference(s, x, eps=1e-6):
-    """timm's VisionTransformer.forward_features for these layouts, then the mean of the patch tokens;
-    x already self-standardized [B, 3, H, W] at the model's own size."""
-    dim = s["patch_embed.proj.weight"].shape[0]
-    t = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=s["patch_embed.proj.weight"].shape[-1])
-    t = t.flatten(2).transpose(1, 2)
-    B = len(t)
-    prefix = int("cls_token" in s)
-    h = torch.cat([s["cls_token"].expand(B, -1, -1), t], 1) if prefix else t
-    h = h + s["pos_embed"]
-    head_dim = s["blocks.0.attn.q_norm.weight"].shape[0] if "blocks.0.attn.q_norm.weight" in s else 16 if "blocks.0.in_proj.weight" in s else 64
-    heads = dim // head_dim
-    split = lambda z: z.view(B, -1, heads, head_dim).transpose(1, 2)
-    depth = 1 + max(int(k.split(".")[1]) for k in s if k.startswith("blocks."))
-    for i in range(depth):
-        b = f"blocks.{i}."
-        if b + "in_proj.weight" in s:  # ParallelScalingBlock: the OpenPhenom reference above, on these tokens
-            wrapped = {P + k: v for k, v in s.items() if k.startswith(b)}
-            wrapped = {k.replace(f"blocks.{i}.", "blocks.0."): v for k, v in wrapped.items()}
-            h = parallel_reference_block(wrapped, h, head_dim, eps)
-            continue
-        y = F.layer_norm(h, (dim,), s[b + "norm1.weight"], s[b + "norm1.bias"], eps)
-        q, k, v = F.linear(y, s[b + "attn.qkv.weight"], s.get(b + "attn.qkv.bias")).split(dim, -1)
-        q, k, v = split(q), split(k), split(v)
-        if b + "attn.q_norm.weight" in s:
-            q = F.layer_norm(q, (head_dim,), s[b + "attn.q_norm.weight"], s[b + "attn.q_norm.bias"], eps)
-            k = F.layer_norm(k, (head_dim,), s[b + "attn.k_norm.weight"], s[b + "attn.k_norm.bias"], eps)
-        a = (torch.softmax(q @ k.transpose(-2, -1) / head_dim ** 0.5, -1) @ v).transpose(1, 2).reshape(B, -1, dim)
-        a = F.linear(a, s[b + "attn.proj.weight"], s[b + "attn.proj.bias"])
-        h = h + (s[b + "ls1.gamma"] * a if b + "ls1.gamma" in s else a)
-        y = F.layer_norm(h, (dim,), s[b + "norm2.weight"], s[b + "norm2.bias"], eps)
-        m = F.linear(F.gelu(F.linear(y, s[b + "mlp.fc1.weight"], s[b + "mlp.fc1.bias"])), s[b + "mlp.fc2.weight"], s[b + "mlp.fc2.bias"])
-        h = h + (s[b + "ls2.gamma"] * m if b + "ls2.gamma" in s else m)
-    return h[:, prefix:].mean(1)
+def timm_embeddings(vit, x, blocks=(1, 2, 3)):
+    """timm's own forward to each block, without the final norm, the patch tokens averaged: what our embed() returns."""
+    tokens = vit.forward_intermediates(x, indices=[b - 1 for b in blocks], norm=False, output_fmt="NLC",
+                                       intermediates_only=True)
+    return torch.stack([t.mean(1) for t in tokens])
 
 
-def parallel_reference_block(s, h, head_dim, eps):
-    b = P + "blocks.0."
-    B, _, dim = h.shape
-    y = F.layer_norm(h, (dim,), s[b + "in_norm.weight"], s[b + "in_norm.bias"], eps)
-    mlp = s[b + "mlp_bias"].shape[0]
-    y = F.linear(y, s[b + "in_proj.weight"], torch.cat([torch.zeros(3 * dim), s[b + "mlp_bias"]]))
-    x_mlp, q, k, v = torch.split(y, [mlp, dim, dim, dim], dim=-1)
-    split = lambda z: z.view(B, -1, dim // head_dim, head_dim).transpose(1, 2)
-    q = F.layer_norm(split(q), (head_dim,), s[b + "q_norm.weight"], s[b + "q_norm.bias"], eps)
-    k = F.layer_norm(split(k), (head_dim,), s[b + "k_norm.weight"], s[b + "k_norm.bias"], eps)
-    a = torch.softmax(q @ k.transpose(-2, -1) / head_dim ** 0.5, -1) @ split(v)
-    a = F.linear(a.transpose(1, 2).reshape(B, -1, dim), s[b + "attn_out_proj.weight"], s[b + "attn_out_proj.bias"])
-    out = F.linear(F.gelu(x_mlp), s[b + "mlp_out_proj.weight"], s[b + "mlp_out_proj.bias"])
-    return h + s[b + "ls.gamma"] * (a + out)
+def assert_embeds_like(model, vit, size, seed=0):
+    """At the native size and at 1.5 times it (timm resampling its table as dynamic_img_size does)."""
+    g = torch.Generator().manual_seed(seed)
+    patch = model.config.patch_size
+    for side in (size, size * 3 // 2 // patch * patch):
+        x = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8, generator=g)
+        torch.testing.assert_close(model.embed(x, [1, 2, 3]), timm_embeddings(vit, mae.standardize(x)), atol=1e-5, rtol=1e-5)
 
 
-TIMM_VARIANTS = {"plain": dict(), "no-class-token+qk-norm+layerscale": dict(class_token=False, qk_norm=True, layerscale=True),
-                 "no-qkv-bias": dict(qkv_bias=False), "parallel": dict(dim=64, mlp=256, parallel=True)}
+# timm's names: what each adds to the loader's work
+TIMM_FAMILIES = {
+    "vit_small_patch16_224": 64,                # the plain ViT: class token, qkv bias, GELU
+    "vit_huge_patch14_224": 56,                 # ImageNet MAE's ViT-H/14: 16 heads of 80, told by config.json
+    "vit_medium_patch16_gap_256": 64,           # no class token, average pooling through fc_norm
+    "deit3_small_patch16_224": 64,              # LayerScale; a class token without a position row
+    "vit_small_patch14_dinov2": 56,             # DINOv2: LayerScale, patch 14
+    "vit_base_patch16_clip_224": 64,            # CLIP: pre-norm, no patch-embedding bias, LayerNorm eps 1e-5
+    "vit_base_patch16_clip_quickgelu_224": 64,  # OpenAI CLIP: QuickGELU
+    "vit_base_patch16_siglip_224": 64,          # SigLIP: no class token, attention-pooling head
+}
 
 
-@pytest.mark.parametrize("variant", TIMM_VARIANTS)
-def test_timm_layouts_embed_like_timm(tmp_path, variant):
-    s = timm_state(**TIMM_VARIANTS[variant])
-    torch.save(s, tmp_path / "vit.pth")
-    model = mae.from_pretrained(tmp_path / "vit.pth").eval()
-    assert model.config.learned_pos and model.config.img_size == 32 and not model.config.channel_agnostic
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
+def test_timm_families_embed_like_timm(tmp_path, name):
+    """Loaded from a hub folder as timm writes it (config.json + model.safetensors), by the folder's path."""
+    size = TIMM_FAMILIES[name]
+    vit = perturbed(timm.create_model(name, pretrained=False, depth=3, img_size=size, num_classes=10, dynamic_img_size=True))
+    save_for_hf(vit, tmp_path, safe_serialization=True)
+    model = mae.from_pretrained(tmp_path).eval()
+    assert model.config.heads == vit.blocks[0].attn.num_heads and model.config.img_size == size
+    assert_embeds_like(model, vit, size)
+
+
+def small_vit(**kwargs):
+    return perturbed(VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3,
+                                                 num_classes=10, dynamic_img_size=True), **kwargs}))
+
+
+PARALLEL_VARIANTS = {  # timm's ParallelScalingBlock as VisionTransformer builds it, and its options
+    "timm default (qkv bias, no QK-norm, no LayerScale)": dict(),
+    "OpenPhenom's form (mlp_bias, QK-norm, LayerScale)": dict(qkv_bias=False, qk_norm=True, init_values=1e-4),
+    "qkv bias and QK-norm": dict(qk_norm=True),
+    "fused output projection": dict(block_fn=partial(ParallelScalingBlock, fuse_out_proj=True), qkv_bias=False),
+    "no output biases": dict(proj_bias=False, qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize("variant", PARALLEL_VARIANTS)
+def test_timm_parallel_blocks_embed_like_timm(tmp_path, variant):
+    vit = small_vit(**{"block_fn": ParallelScalingBlock, **PARALLEL_VARIANTS[variant]})
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    assert_embeds_like(mae.from_pretrained(tmp_path / "vit.pth", heads=3).eval(), vit, 32)
+
+
+@pytest.mark.parametrize("options", [dict(qk_norm=True), dict(proj_bias=False, qkv_bias=False),
+                                     dict(class_token=False, global_pool="avg", fc_norm=True)])
+def test_timm_blocks_embed_like_timm(tmp_path, options):
+    """QK-norm gives the heads by itself; missing output biases are zeros; no class token."""
+    vit = small_vit(**options)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    heads = None if options.get("qk_norm") else 3
+    assert_embeds_like(mae.from_pretrained(tmp_path / "vit.pth", heads=heads).eval(), vit, 32)
+
+
+def test_mlp_bias_where_the_timm_that_trained_it_adds_it(tmp_path):
+    """timm >= 1.0 adds a parallel block's mlp_bias to the MLP's hidden units; timm 0.9 added
+    cat(zeros(3 dim), mlp_bias) to the whole [mlp | q | k | v] projection (timm issue 2653). A timm
+    state dict is read the current way; parallel_bias='timm0.9' reads it as timm 0.9 computed it (the
+    written-out OpenPhenom reference above), and the OpenPhenom layout is read that way by default."""
+    vit = small_vit(block_fn=ParallelScalingBlock, qkv_bias=False, qk_norm=True, init_values=1e-4)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    torch.testing.assert_close(model.embed(x)[0], timm_reference(s, mae.standardize(x)), atol=2e-5, rtol=1e-4)
-    back = weights.to_timm(model)  # the round trip, head.* aside (a classifier embed() does not use)
-    assert back.keys() == {k for k in s if not k.startswith("head.")}
+    now = mae.from_pretrained(tmp_path / "vit.pth").eval()
+    then = mae.from_pretrained(tmp_path / "vit.pth", parallel_bias="timm0.9").eval()
+    torch.testing.assert_close(now.embed(x), timm_embeddings(vit, mae.standardize(x), [3]), atol=1e-5, rtol=1e-5)
+    h = vit._pos_embed(vit.patch_embed(mae.standardize(x)))
+    for i in range(3):
+        h = timm09_parallel_block(vit.state_dict(), f"blocks.{i}.", h, 32, 1e-6)
+    torch.testing.assert_close(then.embed(x)[0], h[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    assert (now.embed(x) - then.embed(x)).abs().max() > 1e-3  # the two placements differ: the choice matters
+    back = weights.to_timm(now)  # the round trip writes timm 1.0's form
+    assert back.keys() == {k for k in vit.state_dict() if not k.startswith("head.")}
     for key in back:
-        torch.testing.assert_close(back[key], s[key], atol=0, rtol=0, msg=key)
+        torch.testing.assert_close(back[key], vit.state_dict()[key], atol=0, rtol=0, msg=key)
 
 
-def test_rgb_model_on_microscopy_channels_at_another_size():
-    """Each of C channels as a gray RGB image, positions resampled to the crop's grid, embeddings
-    concatenated: [1, B, C * D]."""
-    s = timm_state(seed=5)
-    config, tensors = weights.from_timm(s)
-    model = mae.build(mae.MAEConfig(**config), verbose=False).eval()
-    model.load_state_dict(tensors)
+def test_heads_are_never_guessed(tmp_path):
+    """ViT-H/14 is 1280 wide with 16 heads of 80: 64 dims per head would make it 20. Without QK-norm,
+    heads come from heads=, arch= (timm's definition) or timm's config.json, else one line says so."""
+    vit = perturbed(timm.create_model("vit_huge_patch14_224", pretrained=False, depth=3, img_size=56, num_classes=0,
+                                       dynamic_img_size=True))
+    torch.save(vit.state_dict(), tmp_path / "vit_h.pth")
+    with pytest.raises(SystemExit, match="do not tell this ViT's attention heads") as error:
+        mae.from_pretrained(tmp_path / "vit_h.pth")
+    assert "\n" not in str(error.value)
+    for given in (dict(heads=16), dict(arch="vit_huge_patch14_224")):
+        assert_embeds_like(mae.from_pretrained(tmp_path / "vit_h.pth", **given).eval(), vit, 56)
+    (tmp_path / "config.json").write_text("{'architecture': ")  # beside the file, damaged
+    with pytest.raises(SystemExit, match="config.json: not JSON"):
+        mae.from_pretrained(tmp_path / "vit_h.pth")
+    (tmp_path / "config.json").write_text('{"architecture": "vit_huge_patch14_224"}')
+    assert mae.from_pretrained(tmp_path / "vit_h.pth").config.heads == 16
+    with pytest.raises(SystemExit, match="20 heads disagree with the QK-norm's 32 dims per head"):
+        weights.from_timm(small_vit(qk_norm=True).state_dict(), heads=20)
+    with pytest.raises(SystemExit, match="timm cannot build 'no_such_vit'"):
+        mae.from_pretrained(tmp_path / "vit_h.pth", arch="no_such_vit")
+
+
+@pytest.mark.parametrize("options,variant", [
+    (dict(reg_tokens=4, no_embed_class=True), "not supported: register tokens"),
+    (dict(scale_mlp_norm=True), "not supported: a norm inside the MLP"),
+    (dict(norm_layer="rmsnorm"), "norms without a bias"),
+    (dict(mlp_ratio=16 / 3, mlp_layer="swiglu_packed"), "a gated MLP such as SwiGLU"),
+])
+def test_timm_variants_refused_by_name(tmp_path, options, variant):
+    from timm.layers import RmsNorm, SwiGLUPacked
+    options = {k: {"rmsnorm": RmsNorm, "swiglu_packed": SwiGLUPacked}.get(v, v) if isinstance(v, str) else v
+               for k, v in options.items()}
+    torch.save(small_vit(**options).state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(SystemExit, match=variant) as error:
+        mae.from_pretrained(tmp_path / "vit.pth", heads=3)
+    assert "\n" not in str(error.value)
+
+
+def test_rgb_model_on_microscopy_channels_at_another_size(tmp_path):
+    """Each of C channels as a gray RGB image at the crop's size (timm resampling its positions),
+    embeddings concatenated: [1, B, C * D]."""
+    vit = small_vit(qk_norm=True)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    model = mae.from_pretrained(tmp_path / "vit.pth").eval()
     crops = torch.randint(0, 256, (2, 5, 48, 48), dtype=torch.uint8)
     z = model.embed(crops)
-    assert z.shape == (1, 2, 5 * 128)
-    table = s["pos_embed"][0, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    resampled = F.interpolate(table, size=(6, 6), mode="bicubic", align_corners=False, antialias=True)
-    at_48 = dict(s, pos_embed=torch.cat([s["pos_embed"][0, :1], resampled.permute(0, 2, 3, 1).reshape(36, -1)])[None])
+    assert z.shape == (1, 2, 5 * 96)
     for c in range(5):
         gray = mae.standardize(crops[:, c:c + 1].expand(-1, 3, -1, -1))
-        torch.testing.assert_close(z[0, :, c * 128:(c + 1) * 128], timm_reference(at_48, gray), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(z[0, :, c * 96:(c + 1) * 96], timm_embeddings(vit, gray, [3])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_timm_unknown_tensors_are_errors():
-    s = timm_state()
-    weights.from_timm(dict(s, **{"fc_norm.weight": torch.ones(128)}))  # known, unused by embed(): no error
+    s = small_vit(qk_norm=True).state_dict()
+    weights.from_timm(dict(s, **{"fc_norm.weight": torch.ones(96)}))  # known, unused by embed(): no error
     with pytest.raises(SystemExit, match="blocks.1.attn.mystery"):
         weights.from_timm(dict(s, **{"blocks.1.attn.mystery": torch.ones(3)}))
-    with pytest.raises(SystemExit, match="reg_token"):
-        weights.from_timm(dict(s, reg_token=torch.zeros(1, 4, 128)))
 
 
 def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
@@ -275,11 +325,11 @@ def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
                          str(tmp_path / "probe"), "--trim", "--split_col", "well"])
     assert set(report["curves"]["perturbation"]) == {"1", "2"}
     assert len(mae.from_pretrained(tmp_path / "probe" / "trimmed.pt").blocks) == report["best_block"]["perturbation"]
-    torch.save(timm_state(), tmp_path / "vit.pth")
+    torch.save(small_vit(qk_norm=True).state_dict(), tmp_path / "vit.pth")
     evaluate.main(["--ckpt", str(tmp_path / "vit.pth"), "--data", str(crops), "--out", str(tmp_path / "eval"),
                    "--align", "centerscale"])
     result = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert result["counts"]["dims"] == 6 * 128 and result["recall"]["CORUM"]["n_pairs"] > 0
+    assert result["counts"]["dims"] == 6 * 96 and result["recall"]["CORUM"]["n_pairs"] > 0
 
 
 @pytest.mark.parametrize("damage,message", [
