@@ -172,8 +172,9 @@ def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
     """Lion's step on one rank's shards of a preset's parameters (each split over world_size along its
     first axis, as FSDP shards them), held as DTensors as under FSDP: a loop of DTensor operations, as
     train.py had it, against the two paths of train.py's Lion on the local shards (a loop, its CPU
-    path; one foreach call per operation, its GPU path); same tensors, taking turns. (One process: a
-    one-rank mesh, whose DTensors dispatch like any.)"""
+    path; one foreach call per operation, its GPU path; and that with the device-side skip flag train.py
+    sets, which adds a masked_fill_ per gradient); same tensors, taking turns. (One process: a one-rank
+    mesh, whose DTensors dispatch like any.)"""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -200,8 +201,10 @@ def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
             m.lerp_(grad, 1 - beta2)
 
     foreach = Lion(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    gated = Lion(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    gated.found_inf = torch.zeros((), device=device)  # as train.py steps it: the skip decided on the device
     contenders = (("loop over DTensors", loop_step), ("loop on local shards", lambda: loop_step(local=True)),
-                  ("foreach on local shards", foreach.step))
+                  ("foreach on local shards", foreach.step), ("foreach with the skip flag", gated.step))
     times = {name: [] for name, _ in contenders}
     for _ in range(steps + 1):
         for name, step in contenders:

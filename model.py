@@ -13,6 +13,7 @@ channel, T tokens (N for standard tokenization, C*N for channel-agnostic), D wid
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 import weights
+
+# One process reads and writes checkpoints without a process group on purpose (no_dist); torch 2.14
+# warns about it at every load and save all the same.
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, assuming")
 
 
 @dataclass

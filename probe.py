@@ -133,7 +133,7 @@ def probe(x, labels, train, validation, test, grid=(1e-1, 1e-2, 1e-3, 1e-4), dev
     fit's accuracy on the test wells (wells of classes seen in training are scored)."""
     names, y = np.unique(labels[train], return_inverse=True)
     index = {n: i for i, n in enumerate(names)}
-    x = torch.as_tensor(np.asarray(x, np.float32), device=device)
+    x = torch.as_tensor(np.array(x, np.float32), device=device)  # a copy: x may be a read-only memmap of the cache
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6  # standardized on the training wells
     x = (x - mean) / std
     y_train = torch.as_tensor(y, device=device)

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -124,10 +125,14 @@ class Lion(torch.optim.Optimizer):
     gradient, so every weight moves by exactly lr; decoupled weight decay as in AdamW. It works on
     FSDP's local shards: a loop of DTensor operations over vitg8's 732 parameters spent more time in
     dispatch than in arithmetic. On a GPU one foreach call per operation covers all of them; on a CPU a
-    loop is faster (python bench.py lion), which is also how torch.optim chooses (foreach=None)."""
+    loop is faster (python bench.py lion), which is also how torch.optim chooses (foreach=None).
+    Like torch's fused optimizers it reads `found_inf` (a one-element tensor set by the caller, 1 when
+    the gradients are not finite) and then leaves weights and momenta exactly as they were, decided on
+    the device: the step needs no host sync. (It zeroes the gradients it skips.)"""
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, foreach=None):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
         self.foreach = foreach  # not a group setting: checkpoints keep the optimizer state they always had
+        self.found_inf = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -139,17 +144,24 @@ class Lion(torch.optim.Optimizer):
             momenta = local([self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params])
             weights, grads = local(params), local([p.grad for p in params])
             lr, (beta1, beta2), decay = group["lr"], group["betas"], 1 - group["lr"] * group["weight_decay"]
+            mix = 1 - beta2  # the momentum's step toward the gradient
+            if self.found_inf is not None:  # a skipped step is lr 0 and mix 0, its gradients zeroed (NaN * 0 is NaN)
+                keep = 1 - local_shard(self.found_inf)
+                for g in grads:
+                    g.masked_fill_(keep == 0, 0)  # in place: a pass over the gradient, no copy
+                lr, decay, mix = lr * keep, 1 - lr * keep * group["weight_decay"], mix * keep
             if self.foreach or (self.foreach is None and weights[0].is_cuda):
                 torch._foreach_mul_(weights, decay)
                 update = torch._foreach_lerp(momenta, grads, 1 - beta1)
                 torch._foreach_sign_(update)
-                torch._foreach_add_(weights, update, alpha=-lr)
-                torch._foreach_lerp_(momenta, grads, 1 - beta2)
+                torch._foreach_mul_(update, -lr)
+                torch._foreach_add_(weights, update)
+                torch._foreach_lerp_(momenta, grads, [mix] * len(grads) if torch.is_tensor(mix) else mix)
                 continue
             for w, g, m in zip(weights, grads, momenta):
                 w.mul_(decay)
-                w.add_(torch.sign(m.lerp(g, 1 - beta1)), alpha=-lr)
-                m.lerp_(g, 1 - beta2)
+                w.add_(torch.sign(m.lerp(g, 1 - beta1)) * -lr)
+                m.lerp_(g, mix)
 
 
 def sampled_channels(step, channels):
@@ -176,7 +188,7 @@ def make_optimizer(model):
     if optimizer == "lion":
         return Lion(groups, lr=lr, betas=betas)
     if optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)  # fused: it reads found_inf on the device
     raise SystemExit(f"optimizer must be 'lion' or 'adamw', got {optimizer!r}")
 
 
@@ -222,6 +234,9 @@ def parallelize(model, world_size=1):
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=block_precision())
         fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32))
+        # torch 2.14 warns, once per rank, that the MAE returns a view (pred), in case a caller modifies it in
+        # place; train.py never does
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if compile == "model":
         model.compile(backend=compile_backend)
     return model
@@ -477,14 +492,16 @@ def main():
         trim_log(log_path, start)
     log = open(log_path, "a") if log_path else None
     progress = tqdm(total=max_steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True)
-    # a checkpoint is good once a step from its weights had a finite loss and gradient
-    bad_steps, pending, good = 0, resume_from, None
+    # a checkpoint is good once a step from its weights had a finite loss and gradient. The device keeps
+    # count of skipped steps; the host reads the counts when it logs or checkpoints, never in between.
+    pending, good = resume_from, None
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # skipped in a row, skipped since the last read, trained
     info = dict(data_channels=[d.channels for d in datasets], history=history)
     last_log = (start, time.perf_counter())
 
     def gradients(step):
         """This rank's micro-batches of the step, forward and backward, gradients reduced and clipped.
-        Returns the summed loss (on the device), the gradient norm and the last micro-batch."""
+        Returns the summed loss and the gradient norm (on the device) and the last micro-batch."""
         loss_sum = torch.zeros((), device=device)
         for m in range(accum_steps):
             # masks and drop-path draw from (seed, step, slice of the global batch): a resumed run, or
@@ -504,35 +521,41 @@ def main():
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # one sync per optimizer step: gradients are already reduced, so every rank decides alike
-        return loss_sum, grad_norm.item(), x
+        return loss_sum, grad_norm, x
 
     try:
         for step in range(start, max_steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             loss_sum, grad_norm, x = gradients(step)
-            if not math.isfinite(grad_norm):
-                bad_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if rank == 0:
-                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                if bad_steps >= max_bad_steps:
-                    last_good = f"the last good checkpoint is {good}" if good else "no checkpoint of this run is good"
-                    raise SystemExit(f"stopping: {bad_steps} steps in a row with a non-finite loss or gradient; {last_good}")
-                continue
-            bad_steps, good, pending = 0, pending or good, None
+            # A non-finite loss or gradient skips the step on the device (the optimizer reads found_inf):
+            # the host does not wait for the step to decide. Gradients are reduced: every rank decides alike.
+            finite = torch.isfinite(grad_norm)
+            opt.found_inf = (~finite).float()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            counts.copy_(torch.stack([(counts[0] + 1) * ~finite, counts[1] + ~finite, counts[2] + finite]))
             done = step + 1
             progress.update()
+            checkpoint_due = done % ckpt_interval == 0 or done == max_steps
+            if step % log_interval == 0 or checkpoint_due:
+                in_a_row, skipped, trained = counts.tolist()  # the host reads the device here only
+                counts[1:] = 0
+                if trained and pending:
+                    good, pending = pending, None
+                if skipped and rank == 0:
+                    tqdm.write(f"step {step}: {skipped} step(s) skipped since the last line (non-finite loss or gradient), "
+                               f"{in_a_row} in a row")
+                if in_a_row >= max_bad_steps:
+                    last_good = f"the last good checkpoint is {good}" if good else "no checkpoint of this run is good"
+                    raise SystemExit(f"stopping: {in_a_row} steps in a row with a non-finite loss or gradient; {last_good}")
             if step % log_interval == 0 or done == max_steps:
                 if distributed:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 loss_value = loss_sum.item() / accum_steps
                 dt = (time.perf_counter() - last_log[1]) / (done - last_log[0])  # seconds per step since the last log
                 memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else 0.0
-                record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm, dt=dt,
+                record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm.item(), dt=dt,
                               crops_per_s=global_batch / dt, tokens_per_s=global_batch * model.tokens_per_crop(crop_chans) / dt,
                               mfu=flops_per_step / dt / peak_flops, memory_gib=memory)
                 if rank == 0:
@@ -547,7 +570,7 @@ def main():
                 snapshot(model, x, done, write=rank == 0)  # every rank computes: FSDP gathers weights collectively
                 if log:
                     write_loss_curve(Path(out_dir) / "loss.png", log_path)
-            if done % ckpt_interval == 0 or done == max_steps:
+            if checkpoint_due:
                 if all_finite(model):
                     pending = save_checkpoint(model, opt, done, rank, world_size, info, good)
                 elif rank == 0:

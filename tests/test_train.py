@@ -102,6 +102,14 @@ def test_single_process_resume_is_exact(dataset, tmp_path, single):
         assert loss == reference[step], step  # bit for bit
 
 
+def test_fused_adamw_on_fsdp_shards_gives_the_losses_of_one_process(dataset, tmp_path):
+    """AdamW is fused on every device (it reads the skip flag on the device); on FSDP's DTensor shards
+    it gives the 1-process losses."""
+    one = train(dataset, tmp_path / "one", max_steps=6, ckpt_interval=6, optimizer="adamw")
+    two = train(dataset, tmp_path / "two", nproc=2, parallel="fsdp", max_steps=6, ckpt_interval=6, optimizer="adamw")
+    assert sorted(two) == sorted(one) and all(two[s] == pytest.approx(one[s], rel=1e-4) for s in one)
+
+
 def test_fsdp_job_survives_a_killed_worker_and_resumes_exactly(dataset, tmp_path, fsdp):
     """torchrun restarts the workers after one is killed; they resume from the last checkpoint by
     themselves and reproduce the uninterrupted FSDP run. One restart allowed: the job must exit cleanly
@@ -150,21 +158,94 @@ def test_fsdp_with_mixed_precision_recomputation_and_compiled_blocks(dataset, tm
         assert other[step] == pytest.approx(reference[step], rel=tolerance), step
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(dataset, tmp_path, single):
+@pytest.mark.parametrize("log_interval,in_a_row", [(1, 2), (4, 3)])
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(dataset, tmp_path, single,
+                                                                                   log_interval, in_a_row):
     """Resumed from a good checkpoint with an absurd learning rate, the weights overflow: the steps
-    with non-finite gradients are skipped, and after max_bad_steps of them the run stops."""
+    with non-finite gradients are skipped, and after max_bad_steps of them the run stops, at the first
+    log line or checkpoint that reads the count (the host reads the device there only): the first
+    step from the checkpoint trains, the next ones do not; with a line every 4 steps the stop comes
+    at step 12, three in a row."""
     out, _ = single
     shutil.copytree(out / "ckpt_0000009", tmp_path / "ckpt_0000009")
     (tmp_path / "latest").write_text("ckpt_0000009")
-    run = subprocess.run(command(dataset, tmp_path, max_steps=12, ckpt_interval=100, lr=1e30, max_bad_steps=2),
-                         capture_output=True, text=True)
+    run = subprocess.run(command(dataset, tmp_path, max_steps=16, ckpt_interval=100, lr=1e30, max_bad_steps=2,
+                                 log_interval=log_interval), capture_output=True, text=True)
     assert run.returncode != 0
-    assert f"2 steps in a row with a non-finite loss or gradient; the last good checkpoint is {tmp_path / 'ckpt_0000009'}" in run.stderr
-    assert run.stdout.count("step skipped") == 2
+    assert f"{in_a_row} steps in a row with a non-finite loss or gradient; the last good checkpoint is {tmp_path / 'ckpt_0000009'}" in run.stderr, run.stderr[-1000:]
+    assert sum(int(n) for n in re.findall(r"(\d+) step\(s\) skipped", run.stdout)) == in_a_row
     assert (tmp_path / "latest").read_text() == "ckpt_0000009" and not (tmp_path / "model.pt").exists()
     weights = from_pretrained(tmp_path / "ckpt_0000009").state_dict()
     for name, tensor in from_pretrained(out / "ckpt_0000009").state_dict().items():
         assert torch.equal(weights[name], tensor), name
+
+
+@pytest.mark.parametrize("kind", ["lion loop", "lion foreach", "adamw fused"])
+def test_a_skipped_step_leaves_weights_and_optimizer_state_exactly(kind):
+    """found_inf = 1 (set on the device, read by the optimizer): NaN and inf gradients change nothing,
+    not the weights, not the moments, not AdamW's step count; found_inf = 0 is the plain step, bit for bit."""
+    sys.argv = ["train.py"]
+    from train import Lion
+    make = {"lion loop": lambda ps: Lion(ps, lr=0.01, weight_decay=0.1, foreach=False),
+            "lion foreach": lambda ps: Lion(ps, lr=0.01, weight_decay=0.1, foreach=True),
+            "adamw fused": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True)}[kind]
+    g = torch.Generator().manual_seed(0)
+    plain = [torch.nn.Parameter(torch.randn(5, 7, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
+    gated = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    a, b = make(plain), make(gated)
+    state = lambda opt, ps: [v.clone() for p in ps for v in opt.state[p].values()]
+    for _ in range(3):
+        for p, q in zip(plain, gated):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.found_inf = torch.zeros(())
+        b.step()
+        assert all(torch.equal(p, q) for p, q in zip(plain, gated))
+        assert all(torch.equal(x, y) for x, y in zip(state(a, plain), state(b, gated)))
+    weights, moments = [q.detach().clone() for q in gated], state(b, gated)
+    for q in gated:
+        q.grad = torch.full_like(q, float("nan"))
+        q.grad[0] = float("inf")
+    b.found_inf = torch.ones(())
+    b.step()
+    assert all(torch.equal(w, q) for w, q in zip(weights, gated))
+    assert all(torch.equal(x, y) for x, y in zip(moments, state(b, gated)))
+
+
+def test_the_host_reads_the_device_only_when_it_logs_or_checkpoints(dataset, tmp_path):
+    """Every read of a tensor's value by train.py (item, tolist, bool, int, float) is a host sync on a
+    GPU. Counted in the real run, by the step it happens in: with a log line every 5 steps of 10 and
+    no checkpoint before the end, only steps 0, 5 and 9 read (it used to be every step: the
+    finite-gradient check)."""
+    counter = tmp_path / "count_reads.py"
+    counter.write_text(f"""
+import runpy, sys, torch
+steps = set()
+def counted(name):
+    original = getattr(torch.Tensor, name)
+    def read(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        if frame.f_code.co_filename == {str(ROOT / "train.py")!r}:
+            while frame is not None and frame.f_code.co_name != "main":
+                frame = frame.f_back
+            if frame is not None and "step" in frame.f_locals:
+                steps.add(frame.f_locals["step"])
+        return original(self, *args, **kwargs)
+    setattr(torch.Tensor, name, read)
+for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+    counted(name)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, {str(ROOT)!r})
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("steps that read:", sorted(steps))
+""")
+    args = command(dataset, tmp_path / "run", max_steps=10, ckpt_interval=100, log_interval=5)
+    run = subprocess.run([sys.executable, str(counter), *args[1:]], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "steps that read: [0, 5, 9]" in run.stdout, run.stdout[-500:]
 
 
 def test_lion_matches_a_step_computed_by_hand():
