@@ -279,37 +279,70 @@ def efaar_reference():
     return efaar_benchmarking.benchmarking
 
 
-def recall_figures(genes, dims, seed=0):
-    """Our known_relationship_recall vs the reference on the same map: seconds, ratio, identical?"""
+RECALL_MAPS = ("random", "complexes", "clustered", "duplicates", "unannotated")
+
+
+def recall_map(kind, genes, dims, rng):
+    """(features, labels) of a kind of map. random: no structure; complexes: the members of each CORUM
+    complex share a direction, as a real map has them; clustered: 100 clusters of any genes; duplicates:
+    a third of the rows repeat others exactly (ties in the null and in the queries); unannotated: 80% of
+    the genes in no table (few queries)."""
+    tables = evaluate.annotation_tables()
+    annotated = sorted({g for s in evaluate.SOURCES for g in np.concatenate(evaluate.read_relationships(str(tables), s))})
+    share = 0.2 if kind == "unannotated" else 1.0
+    chosen = list(rng.choice(annotated, min(len(annotated), int(genes * share)), replace=False))
+    labels = np.array(chosen + [f"UNANNOTATED-{i}" for i in range(genes - len(chosen))])
+    x = rng.normal(size=(genes, dims))
+    if kind == "complexes":
+        row = {g: i for i, g in enumerate(labels)}
+        for members in evaluate.corum_complexes(tables).values():
+            rows = [row[g] for g in members if g in row]
+            x[rows] += 1.5 * rng.normal(size=dims)
+    elif kind == "clustered":
+        x += rng.normal(size=(100, dims))[rng.integers(0, 100, genes)] * rng.uniform(0, 0.5, (genes, 1)) * 2
+    elif kind == "duplicates":
+        copies = rng.choice(genes, genes // 3, replace=False)
+        x[copies] = x[rng.integers(0, genes, len(copies))]
+    return x, labels
+
+
+def matrix_product_seconds(features):
+    """The floor: recall's float32 matrix products over the upper triangle alone, as it runs them."""
+    x32 = evaluate.unit_rows(features).float()
+    start = time.perf_counter()
+    for _ in evaluate.upper_triangle_tiles(x32, 4):
+        pass
+    return time.perf_counter() - start
+
+
+def recall_figures(genes, dims, kinds=RECALL_MAPS, seed=0):
+    """Our known_relationship_recall against efaar-benchmarking's on several kinds of map of the same
+    size (recall_map): seconds, ratio, identical numbers?, and our time over our own matrix products."""
     import pandas as pd
     from sklearn.utils import Bunch
     reference = efaar_reference()
     annotations = evaluate.annotation_tables()
-    symbols = sorted({g for s in evaluate.SOURCES for g in np.concatenate(evaluate.read_relationships(str(annotations), s))})
-    symbols += [f"UNANNOTATED-{i}" for i in range(max(0, genes - len(symbols)))]
-    rng = np.random.default_rng(seed)
-    labels = rng.choice(symbols, genes, replace=False)
-    centers = rng.normal(size=(100, dims))
-    features = centers[rng.integers(0, 100, genes)] * rng.uniform(0, 0.5, (genes, 1)) + rng.normal(size=(genes, dims))
-    evaluate.read_relationships.cache_clear()  # both sides read the tables inside the timing
-    start = time.perf_counter()
-    ours = evaluate.known_relationship_recall(features, labels, annotations_dir=annotations)
-    our_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    theirs = reference.known_relationship_benchmark(
-        Bunch(features=pd.DataFrame(features), metadata=pd.DataFrame({"gene": labels})), "gene",
-        benchmark_data_dir=str(annotations))
-    their_seconds = time.perf_counter() - start
-    identical = all(ours[r["source"]]["n_pairs"] == r["query_distribution_size"]
-                    and ours[r["source"]][k] == r[k] for r in theirs.to_dict("records")
-                    for k in ("recall_0.05_0.95", "recall_0.1_0.9"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
-    print(f"\nknown-relationship recall, {genes} genes x {dims} dims, {len(theirs)} sources, {device}")
-    print(f"{'source':10} {'pairs':>7} {'recall 5/95':>12} {'recall 10/90':>13}")
-    for source, r in ours.items():
-        print(f"{source:10} {r['n_pairs']:7d} {r['recall_0.05_0.95']:12.6f} {r['recall_0.1_0.9']:13.6f}")
-    print(f"evaluate.py {our_seconds:.1f} s, efaar-benchmarking {their_seconds:.1f} s: {their_seconds / our_seconds:.1f}x "
-          f"faster, numbers {'identical' if identical else 'DIFFERENT'}")
+    print(f"\nknown-relationship recall, {genes} genes x {dims} dims, {device}; each table read inside each timing")
+    print(f"{'map':12} {'queries':>8} {'ours s':>7} {'matmul s':>9} {'ours/matmul':>12} {'efaar s':>8} {'x faster':>9}  numbers")
+    for kind in kinds:
+        features, labels = recall_map(kind, genes, dims, np.random.default_rng(seed))
+        floor = matrix_product_seconds(features)
+        evaluate.read_relationships.cache_clear()  # both sides read the tables inside the timing
+        start = time.perf_counter()
+        ours = evaluate.known_relationship_recall(features, labels, annotations_dir=annotations)
+        our_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs = reference.known_relationship_benchmark(
+            Bunch(features=pd.DataFrame(features), metadata=pd.DataFrame({"gene": labels})), "gene",
+            benchmark_data_dir=str(annotations))
+        their_seconds = time.perf_counter() - start
+        identical = len(theirs) == sum(r["n_pairs"] > 0 for r in ours.values()) and all(
+            ours[r["source"]]["n_pairs"] == r["query_distribution_size"] and ours[r["source"]][k] == r[k]
+            for r in theirs.to_dict("records") for k in ("recall_0.05_0.95", "recall_0.1_0.9"))
+        queries = sum(r["n_pairs"] for r in ours.values())
+        print(f"{kind:12} {queries:8d} {our_seconds:7.1f} {floor:9.1f} {our_seconds / floor:12.2f} {their_seconds:8.1f} "
+              f"{their_seconds / our_seconds:9.1f}  {'identical' if identical else 'DIFFERENT'}", flush=True)
 
 
 def probe_figures(depth, seed=0):
@@ -435,6 +468,7 @@ if __name__ == "__main__":
     parser.add_argument("--depth", type=int, default=12, help="probe: blocks of the model")
     parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
     parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
+    parser.add_argument("--maps", default=",".join(RECALL_MAPS), help="recall: comma-separated kinds of map")
     parser.add_argument("--presets", default="vits16", help="train: comma-separated model.PRESETS keys (-ca: channel-agnostic)")
     parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp", "hsdp"], help="train: train.py's parallel")
     parser.add_argument("--batch_size", type=int, default=8, help="train: crops per step")
@@ -446,7 +480,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.suite != "train":
         {"gpu": gpu_figures, "lion": lambda: lion_figures("vitg8", args.world_size),
-         "recall": lambda: recall_figures(args.genes, args.dims), "probe": lambda: probe_figures(args.depth),
+         "recall": lambda: recall_figures(args.genes, args.dims, args.maps.split(",")), "probe": lambda: probe_figures(args.depth),
          "map": lambda: map_figures([int(n) for n in args.profiles.split(",")], args.dims if args.dims != 1664 else 384,
                                     args.null_size),
          "embed": lambda: embed_figures(args.presets.split(","), args.batch_size, args.crops)}[args.suite]()

@@ -295,18 +295,27 @@ def corum_complexes(annotations):
 @functools.lru_cache(maxsize=None)
 def read_relationships(annotations, source):
     """Pairs of a source as efaar-benchmarking reads them: each pair sorted, self-pairs and duplicates
-    dropped. Returns two arrays of gene symbols (entity1 < entity2)."""
+    dropped. Returns two arrays of gene symbols (entity1 < entity2). Parsed whole, not line by line."""
     path = Path(annotations) / f"{source}.txt"
     if not path.exists():
         raise SystemExit(f"{path}: no such annotation table (sources: {', '.join(SOURCES)})")
-    header, *lines = path.read_text().splitlines()
-    if header != "entity1,entity2" or any(line.count(",") != 1 for line in lines):
+    header, _, body = path.read_text().partition("\n")
+    lines = len(body.splitlines())
+    cells = body.replace(",", "\n").split()
+    if header.strip() != "entity1,entity2" or body.count(",") != lines or len(cells) != 2 * lines:
         raise SystemExit(f"{path}: expected two columns entity1,entity2")
-    names, codes = np.unique([line.split(",") for line in lines], return_inverse=True)
+    names, codes = np.unique(np.array(cells), return_inverse=True)
     codes = codes.reshape(-1, 2)  # np.unique sorts by code point, as Python compares strings
     lo, hi = codes.min(1), codes.max(1)
     pairs = np.unique(lo[lo != hi] * len(names) + hi[lo != hi])
     return names[pairs // len(names)], names[pairs % len(names)]
+
+
+def positions(labels, genes):
+    """Each gene's row in labels (unique), -1 where it has none: one sorted search, no dictionary."""
+    order = np.argsort(labels)
+    at = np.minimum(np.searchsorted(labels[order], genes), len(labels) - 1)
+    return np.where(labels[order][at] == genes, order[at], -1) if len(labels) else np.full(len(genes), -1)
 
 
 def float32_error_bound(d, chunks):
@@ -341,21 +350,24 @@ def right_count(threshold, n):
     return r
 
 
-def upper_triangle_blocks(x32, rows, chunks):
-    """Yield (i0, G, valid) with G = x32[i0:i0+rows] @ x32[i0:].T (summed over `chunks` slices of the
-    dimensions, see float32_error_bound), the pairs j <= i set to NaN, and the number of pairs left:
-    every unordered pair exactly once, half the work of the full Gram matrix. Blocks of a few hundred
-    rows keep G in cache while the slices are added."""
+def upper_triangle_tiles(x32, chunks, rows=512, cols=4096):
+    """Yield (i0, j0, G) with G = x32[i0:i0+rows] @ x32[j0:j0+cols].T (summed over `chunks` slices of
+    the dimensions, see float32_error_bound) for the tiles on and right of the diagonal, the pairs
+    j <= i set to NaN: every unordered pair exactly once, half the work of the full Gram matrix. A tile (8 MB) stays in cache while its slices are added and while the
+    caller scans it; the first tile of each row of tiles starts on the diagonal."""
     n, d = x32.shape
     lower = torch.ones(rows, rows, dtype=torch.bool, device=x32.device).tril()
     k = -(-d // chunks)
     for i0 in range(0, n, rows):
-        g = x32[i0:i0 + rows, :k] @ x32[i0:, :k].T
-        for c in range(k, d, k):
-            g.addmm_(x32[i0:i0 + rows, c:c + k], x32[i0:, c:c + k].T)
-        b = g.shape[0]
-        g[:, :b].masked_fill_(lower[:b, :b], float("nan"))
-        yield i0, g, b * (n - i0) - b * (b + 1) // 2
+        a = x32[i0:i0 + rows]
+        b = len(a)
+        for j0 in range(i0, n, cols):
+            g = a[:, :k] @ x32[j0:j0 + cols, :k].T
+            for c in range(k, d, k):
+                g.addmm_(a[:, c:c + k], x32[j0:j0 + cols, c:c + k].T)
+            if j0 == i0:
+                g[:, :b].masked_fill_(lower[:b, :b], float("nan"))
+            yield i0, j0, g
 
 
 def sampled_quantile(x32, sample_rows, seed):
@@ -366,8 +378,8 @@ def sampled_quantile(x32, sample_rows, seed):
     sample = torch.from_numpy(np.sort(rng.choice(n, min(n, sample_rows), replace=False))).to(x32.device)
     s = x32[sample] @ x32.T
     s[torch.arange(len(sample)), sample] = float("nan")
-    s = s[~s.isnan()]
-    return lambda q: float(s.kthvalue(min(len(s), max(1, round(q * len(s))))).values)
+    s = s[~s.isnan()].sort().values  # sorted once: each quantile is then one lookup
+    return lambda q: float(s[min(len(s), max(1, round(q * len(s)))) - 1])
 
 
 def rank_windows(ranks, pairs_total, quantile, window, e):
@@ -381,34 +393,42 @@ def rank_windows(ranks, pairs_total, quantile, window, e):
     return windows
 
 
-def triangle_pass(x32, windows, pair_i, pair_j, rows, chunks):
-    """ONE float32 pass over the upper triangle (upper_triangle_blocks). Per rank r: how many pairs lie
+def triangle_pass(x32, windows, pair_i, pair_j, chunks, rows=512, cols=4096):
+    """ONE float32 pass over the upper triangle (upper_triangle_tiles). Per rank r: how many pairs lie
     below its window, and the pairs inside it (float32 values, flat indices i*n+j). Also the float32
     cosines of the query pairs (pair_i sorted). Ranks in the lower half are searched among the low
-    cosines, the others among the high ones: one scan of a block per side, then only its tail."""
+    cosines, the others among the high ones: one scan of a tile per side, then only its tail. Counts
+    stay on the device until the end (no host sync per tile)."""
     n = len(x32)
     half = n * (n - 1) // 4
     left, right = [r for r in windows if r <= half], [r for r in windows if r > half]
-    below, kept = {r: 0 for r in windows}, {r: [] for r in windows}
+    left_edge = max((windows[r][1] for r in left), default=None)
+    right_edge = min((windows[r][0] for r in right), default=None)
+    below = {r: torch.zeros((), dtype=torch.long, device=x32.device) for r in windows}
+    kept = {r: [] for r in windows}
     query32 = torch.empty(len(pair_i), dtype=torch.float32, device=x32.device)
     starts = torch.searchsorted(pair_i, torch.arange(0, n + rows, rows, device=x32.device)).tolist()
-    for i0, g, valid in upper_triangle_blocks(x32, rows, chunks):
-        q = slice(starts[i0 // rows], starts[i0 // rows + 1])
-        query32[q] = g[pair_i[q] - i0, pair_j[q] - i0]
+    for i0, j0, g in upper_triangle_tiles(x32, chunks, rows, cols):
+        if j0 == i0:  # a new row of tiles: its queries
+            q = slice(starts[i0 // rows], starts[i0 // rows + 1])
+            row_i, row_j, row_at = pair_i[q] - i0, pair_j[q], torch.arange(q.start, q.stop, device=x32.device)
+        width = g.shape[1]
+        here = (row_j >= j0) & (row_j < j0 + width)
+        query32[row_at[here]] = g[row_i[here], row_j[here] - j0]
         flat = g.view(-1)  # NaN below the diagonal: never in a tail
-        for side, in_tail in ((left, lambda: flat <= max(windows[r][1] for r in left)),
-                              (right, lambda: flat >= min(windows[r][0] for r in right))):
+        for side, in_tail in ((left, lambda: flat <= left_edge), (right, lambda: flat >= right_edge)):
             if not side:
                 continue
             where = in_tail().nonzero().squeeze(1)
             values = flat[where]
             for r in side:
                 lo, hi = windows[r]
-                below[r] += int((values < lo).sum()) if side is left else valid - int((values >= lo).sum())
+                below[r] += (values < lo).sum() if side is left else -(values >= lo).sum()  # all pairs minus these
                 inside = (values >= lo) & (values <= hi)
                 at = where[inside]
-                kept[r].append((values[inside], (at // g.shape[1] + i0) * n + at % g.shape[1] + i0))
-    return below, kept, query32
+                kept[r].append((values[inside], (at // width + i0) * n + at % width + j0))
+    pairs = n * (n - 1) // 2  # a right-side rank counted the pairs at or above its window: the rest are below
+    return {r: int(count) + (pairs if r in right else 0) for r, count in below.items()}, kept, query32
 
 
 def candidates_of_ranks(windows, below, kept, e):
@@ -431,7 +451,7 @@ def candidates_of_ranks(windows, below, kept, e):
     return found
 
 
-def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, sample_rows=128, window=0.005, seed=0):
+def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, sample_rows=128, window=0.005, seed=0):
     """Exact float64 order statistics of the cosines of all N = n(n-1)/2 pairs of rows of x64 (unit
     rows), and the float32 cosines of the query pairs (pair_i < pair_j), from ONE float32 pass over the
     upper triangle, never holding it.
@@ -444,7 +464,7 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, samp
     it are recomputed in float64 (candidates_of_ranks, pair_dots): the rank-r value is among them, at
     rank r minus the pairs certainly below. Should a window miss (the sample misled), steps 2-3 are
     repeated with windows 4x wider. Returns {rank: t64}, the float32 query cosines (in the callers'
-    order), {flat pair index i*n+j: float64 cosine} of the recomputed pairs, and e."""
+    order) and e."""
     n, d = x64.shape
     e = float32_error_bound(d, chunks)
     x32 = x64.float()
@@ -453,16 +473,16 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=4, rows=512, samp
     found = None
     while found is None:
         windows = rank_windows(ranks, n * (n - 1) // 2, quantile, window, e)
-        below, kept, query32 = triangle_pass(x32, windows, pair_i[order], pair_j[order], rows, chunks)
+        below, kept, query32 = triangle_pass(x32, windows, pair_i[order], pair_j[order], chunks)
         found = candidates_of_ranks(windows, below, kept, e)
         window *= 4
     need = [flat for _, flat in found.values()]
     flat = torch.cat(need).unique() if need else torch.empty(0, dtype=torch.long, device=x64.device)
-    value_of = dict(zip(flat.tolist(), pair_dots(x64, flat // n, flat % n).tolist()))
-    stats = {r: sorted(value_of[f] for f in candidates.tolist())[r - count_below]
+    values = pair_dots(x64, flat // n, flat % n)  # each candidate once, flat sorted
+    stats = {r: float(values[torch.searchsorted(flat, candidates)].sort().values[r - count_below])
              for r, (count_below, candidates) in found.items()}
     query32 = torch.empty_like(query32).scatter_(0, order.to(x64.device), query32)
-    return stats, query32, value_of, e
+    return stats, query32, e
 
 
 def pair_dots(x, i, j):
@@ -503,14 +523,11 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     x = unit_rows(features, device)
     n = len(labels)
-    index = {g: i for i, g in enumerate(labels.tolist())}
     queries = {}
     for source in sources:
-        e1, e2 = read_relationships(str(annotations), source)
-        ok = np.isin(e1, labels) & np.isin(e2, labels)
-        a = np.array([index[g] for g in e1[ok]], dtype=np.int64)
-        b = np.array([index[g] for g in e2[ok]], dtype=np.int64)
-        queries[source] = (np.minimum(a, b), np.maximum(a, b))
+        a, b = (positions(labels, genes) for genes in read_relationships(str(annotations), source))
+        ok = (a >= 0) & (b >= 0)
+        queries[source] = (np.minimum(a[ok], b[ok]).astype(np.int64), np.maximum(a[ok], b[ok]).astype(np.int64))
     pairs_total = n * (n - 1) // 2
     cuts = {(lt, rt): (left_count(min(lt, rt), pairs_total), right_count(max(lt, rt), pairs_total))
             for lt, rt in thresholds}
@@ -521,16 +538,16 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the error bound assumes true float32 products
     try:
-        stats, query32, value_of, e = cosine_order_statistics(x, ranks, pair_i, pair_j)
+        stats, query32, e = cosine_order_statistics(x, ranks, pair_i, pair_j)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     q32 = query32.double().cpu().numpy()
-    flat = (pair_i * n + pair_j).cpu().numpy()
 
     def beyond(t64, side):  # is each query's float64 cosine above (side 1) / below (-1) t64? float32
         result = side * (q32 - t64) > 0  # decides unless within 2e, where the float64 value does
-        unsure = np.flatnonzero(np.abs(q32 - t64) <= 2 * e)
-        result[unsure] = [side * (value_of[f] - t64) > 0 for f in flat[unsure]]
+        unsure = torch.from_numpy(np.flatnonzero(np.abs(q32 - t64) <= 2 * e)).to(device)
+        # pair_dots gives a pair the same float64 value whatever pairs it is computed with
+        result[unsure.cpu().numpy()] = (side * (pair_dots(x, pair_i[unsure], pair_j[unsure]) - t64) > 0).cpu().numpy()
         return result
 
     hits = {}

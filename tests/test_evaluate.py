@@ -74,6 +74,22 @@ def test_recall_is_identical_to_efaar_benchmarking(reference, annotations, n, d,
             assert abs(ours[source][key] - row[key]) <= 1e-9, (source, key)
 
 
+@pytest.mark.parametrize("body", ["A,B,C\n", "A,\n", "A B\n", "A,B\nC\n"])
+def test_a_malformed_annotation_table_is_one_line_naming_it(tmp_path, body):
+    (tmp_path / "CORUM.txt").write_text("entity1,entity2\nX,Y\n" + body)
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'CORUM.txt'}: expected two columns entity1,entity2"):
+        evaluate.read_relationships(str(tmp_path), "CORUM")
+
+
+def test_tables_are_read_as_efaar_reads_them(annotations):
+    """Pairs sorted, self-pairs and duplicates dropped: what efaar-benchmarking's pandas code keeps."""
+    import pandas as pd
+    for source in evaluate.SOURCES:
+        table = pd.read_csv(annotations / f"{source}.txt")
+        pairs = {tuple(sorted(p)) for p in zip(table.entity1, table.entity2) if p[0] != p[1]}
+        assert set(zip(*evaluate.read_relationships(str(annotations), source))) == pairs, source
+
+
 def test_order_statistics_exact_even_when_the_sample_misleads():
     """Windows far too narrow to hold their ranks force the repeat path; the float64 order statistics
     must still equal a full sort of every pair's float64 cosine."""
@@ -81,7 +97,7 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
     x = evaluate.unit_rows(structured_map(rng, 300, 40))
     full = np.sort((x @ x.T).numpy()[np.triu_indices(300, 1)])
     ranks = [0, 17, 2242, 22425, 44850 - 1]
-    stats, _, _, _ = evaluate.cosine_order_statistics(x, ranks, torch.zeros(0, dtype=torch.long),
+    stats, _, _ = evaluate.cosine_order_statistics(x, ranks, torch.zeros(0, dtype=torch.long),
                                                    torch.zeros(0, dtype=torch.long), sample_rows=3, window=1e-6)
     for r in ranks:
         assert abs(stats[r] - full[r]) < 1e-15
@@ -114,7 +130,7 @@ def test_float32_bound_holds_on_hard_input():
 
 def test_float32_bound_is_approached_on_an_adversarial_input():
     """Unit rows (c, e, ..., e, 0, ...) with e^2 just under half an ulp of c^2: a float32 sum that
-    starts at c^2 rounds every e^2 away, so the matrix products of upper_triangle_blocks lose many of
+    starts at c^2 rounds every e^2 away, so the matrix products of upper_triangle_tiles lose many of
     them. The bound holds, and is within 32x of what happens here (measured 16x: a bound loosened to
     ~sqrt(k) u would be broken)."""
     d, chunks = 8192, 2
@@ -125,8 +141,8 @@ def test_float32_bound_is_approached_on_an_adversarial_input():
     x[:, 0] = math.sqrt(1 - (k - 1) * e2)
     x = torch.from_numpy(x)
     exact, worst = x @ x.T, 0.0
-    for i0, g, valid in evaluate.upper_triangle_blocks(x.float(), 512, chunks):
-        error = (g.double() - exact[i0:i0 + g.shape[0], i0:]).abs()
+    for i0, j0, g in evaluate.upper_triangle_tiles(x.float(), chunks):
+        error = (g.double() - exact[i0:i0 + g.shape[0], j0:j0 + g.shape[1]]).abs()
         worst = max(worst, float(error[~error.isnan()].max()))
     bound = evaluate.float32_error_bound(d, chunks)
     assert bound / 32 < worst <= bound, (worst, bound)
