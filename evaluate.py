@@ -1004,7 +1004,7 @@ def pyplot():
 def save_figure(fig, path):
     fig.tight_layout()
     data.write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    fig.clf()
+    pyplot().close(fig)  # pyplot holds every figure until closed: a long session would pile them up
     return path
 
 
