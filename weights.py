@@ -328,7 +328,8 @@ def timm_architecture(name, model_args, path):
     try:
         import timm
     except ImportError:
-        raise SystemExit(f"{path}: pip install timm to read {name!r} from timm's definitions, or pass heads=") from None
+        raise SystemExit(f"{path}: pip install timm to read {name!r}'s definition (heads, activation, norm eps) "
+                         f"from timm") from None
     try:
         with torch.device("meta"):
             vit = timm.create_model(name, pretrained=False, **model_args)

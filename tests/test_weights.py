@@ -2,6 +2,7 @@
 0.9), built here with random weights and recomputed from the layout's definition written out; timm's
 ViTs against timm itself."""
 
+import sys
 from functools import partial
 
 import pytest
@@ -269,6 +270,15 @@ def test_heads_are_never_guessed(tmp_path):
         weights.from_timm(small_vit(qk_norm=True).state_dict(), heads=20)
     with pytest.raises(SystemExit, match="timm cannot build 'no_such_vit'"):
         mae.from_pretrained(tmp_path / "vit_h.pth", arch="no_such_vit")
+
+
+def test_an_architecture_named_without_timm_installed_is_one_line(tmp_path, monkeypatch):
+    """The name in config.json cannot be read without timm: one line saying to install it, no guess."""
+    torch.save(small_vit(qk_norm=True).state_dict(), tmp_path / "vit.pth")
+    (tmp_path / "config.json").write_text('{"architecture": "vit_base_patch16_clip_quickgelu_224"}')
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` meets where it is not installed
+    with pytest.raises(SystemExit, match="pip install timm to read 'vit_base_patch16_clip_quickgelu_224'"):
+        mae.from_pretrained(tmp_path / "vit.pth")
 
 
 @pytest.mark.parametrize("options,variant", [
