@@ -183,6 +183,7 @@ TIMM_FAMILIES = {
     "vit_base_patch16_clip_224": 64,            # CLIP: pre-norm, no patch-embedding bias, LayerNorm eps 1e-5
     "vit_base_patch16_clip_quickgelu_224": 64,  # OpenAI CLIP: QuickGELU
     "vit_base_patch16_siglip_224": 64,          # SigLIP: no class token, attention-pooling head
+    "vit_so400m_patch16_siglip_256": 64,        # SigLIP so400m: tanh-approximated GELU, 16 heads of 72
 }
 
 
