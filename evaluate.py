@@ -353,8 +353,9 @@ def right_count(threshold, n):
 def upper_triangle_tiles(x32, chunks, rows=512, cols=4096):
     """Yield (i0, j0, G) with G = x32[i0:i0+rows] @ x32[j0:j0+cols].T (summed over `chunks` slices of
     the dimensions, see float32_error_bound) for the tiles on and right of the diagonal, the pairs
-    j <= i set to NaN: every unordered pair exactly once, half the work of the full Gram matrix. A tile (8 MB) stays in cache while its slices are added and while the
-    caller scans it; the first tile of each row of tiles starts on the diagonal."""
+    j <= i set to NaN: every unordered pair exactly once, half the work of the full Gram matrix. A
+    tile (8 MB) stays in cache while its slices are added and while the caller scans it; the first
+    tile of each row of tiles starts on the diagonal."""
     n, d = x32.shape
     lower = torch.ones(rows, rows, dtype=torch.bool, device=x32.device).tril()
     k = -(-d // chunks)
@@ -545,9 +546,10 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
 
     def beyond(t64, side):  # is each query's float64 cosine above (side 1) / below (-1) t64? float32
         result = side * (q32 - t64) > 0  # decides unless within 2e, where the float64 value does
-        unsure = torch.from_numpy(np.flatnonzero(np.abs(q32 - t64) <= 2 * e)).to(device)
+        unsure = np.flatnonzero(np.abs(q32 - t64) <= 2 * e)
+        at = torch.from_numpy(unsure).to(device)
         # pair_dots gives a pair the same float64 value whatever pairs it is computed with
-        result[unsure.cpu().numpy()] = (side * (pair_dots(x, pair_i[unsure], pair_j[unsure]) - t64) > 0).cpu().numpy()
+        result[unsure] = (side * (pair_dots(x, pair_i[at], pair_j[at]) - t64) > 0).cpu().numpy()
         return result
 
     hits = {}

@@ -160,7 +160,7 @@ class Lion(torch.optim.Optimizer):
                 continue
             for w, g, m in zip(weights, grads, momenta):
                 w.mul_(decay)
-                w.add_(torch.sign(m.lerp(g, 1 - beta1)) * -lr)
+                w.add_(torch.sign(m.lerp(g, 1 - beta1)).mul_(-lr))  # lr: a number, or a tensor with the skip flag
                 m.lerp_(g, mix)
 
 

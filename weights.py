@@ -97,8 +97,11 @@ def hub_config(path):
     return name, config.get("model_args") or {}
 
 
-def missing(path, key):
-    raise SystemExit(f"{path}: no tensor {key!r}, which this layout needs")
+def pop_tensor(take, key, path):
+    """take.pop(key): every tensor a layout needs is taken once; a missing one is one line naming it."""
+    if key not in take:
+        raise SystemExit(f"{path}: no tensor {key!r}, which this layout needs")
+    return take.pop(key)
 
 
 # ---- OpenPhenom -----------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def from_openphenom(state, sincos_2d, path="weights", parallel_bias="timm0.9"):
     whose block adds its `mlp_bias` where parallel_block's "timm0.9" says."""
     P = OPENPHENOM
     take = dict(state)
-    need = lambda key: take.pop(P + key) if P + key in take else missing(path, P + key)
+    need = lambda key: pop_tensor(take, P + key, path)
     cls_token, pos, patch_w = need("cls_token"), need("pos_embed"), state.get(P + "patch_embed.proj.weight")
     dim, depth = cls_token.shape[-1], 1 + max(int(k[len(P):].split(".")[1]) for k in state if k.startswith(P + "blocks."))
     mlp_dim = state[P + "blocks.0.in_proj.weight"].shape[0] - 3 * dim
@@ -177,7 +180,7 @@ def parallel_block(take, prefix, i, dim, mlp_dim, parallel_bias, path):
     A fused output projection (fuse_out_proj) on cat(attention, MLP) is split into our two; missing
     output biases (proj_bias=False) are zeros."""
     ours, b = {}, f"{prefix}blocks.{i}."
-    need = lambda key: take.pop(key) if key in take else missing(path, key)
+    need = lambda key: pop_tensor(take, key, path)
     mine = lambda name: f"blocks.{i}.{name}"
     for theirs, name in PARALLEL_NAMES:
         if b + theirs + ".weight" in take:
@@ -247,7 +250,7 @@ def from_timm(state, path="weights", heads=None, arch=None, model_args=None, par
     Without either, a ViT with QK-norm is read with timm's defaults (GELU, eps 1e-6) and one without is
     refused: a guess of 64 dims per head embeds ViT-H/14 (16 heads of 80) a few percent off."""
     take = dict(state)
-    need = lambda key: take.pop(key) if key in take else missing(path, key)
+    need = lambda key: pop_tensor(take, key, path)
     for key, variant in REFUSED_TIMM:
         if key in state:
             raise SystemExit(f"{path}: not supported: {variant} ({key!r})")
