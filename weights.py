@@ -93,7 +93,8 @@ def hub_config(path):
         raise SystemExit(f"{sidecar}: not JSON ({type(e).__name__})") from None
     if not isinstance(config, dict):
         raise SystemExit(f"{sidecar}: not a JSON object")
-    name = config.get("architecture") or config.get("pretrained_cfg", {}).get("architecture")  # older timm: the latter
+    older = config.get("pretrained_cfg")  # older timm kept the name there
+    name = config.get("architecture") or (older.get("architecture") if isinstance(older, dict) else None)
     return name, config.get("model_args") or {}
 
 
@@ -274,7 +275,7 @@ def from_timm(state, path="weights", heads=None, arch=None, model_args=None, par
         mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
         if state["blocks.0.mlp.fc2.weight"].shape[1] != mlp_dim:
             raise SystemExit(f"{path}: blocks.0.mlp.fc1/fc2 do not match (a gated MLP such as SwiGLU is not supported)")
-    defined = timm_architecture(arch, model_args or {}, path) if arch else {}
+    defined = timm_architecture(arch, model_args or {}, path, dim) if arch else {}
     heads = heads or defined.get("heads") or (model_args or {}).get("num_heads")
     q_norm = state.get("blocks.0.q_norm.weight" if parallel else "blocks.0.attn.q_norm.weight")
     if q_norm is not None:
@@ -325,9 +326,10 @@ REFUSED_TIMM = (("reg_token", "register tokens"), ("patch_embed.norm.weight", "a
                 ("blocks.0.mlp.norm.weight", "a norm inside the MLP (scale_mlp_norm)"))
 
 
-def timm_architecture(name, model_args, path):
+def timm_architecture(name, model_args, path, dim):
     """What timm's own definition of an architecture says that the tensors cannot: heads, the MLP's
-    activation, the norms' eps (timm builds it on the meta device: no memory, no weights)."""
+    activation, the norms' eps (timm builds it on the meta device: no memory, no weights). It must be
+    a VisionTransformer as wide as the weights (dim): another one's heads would be wrong in silence."""
     try:
         import timm
     except ImportError:
@@ -338,7 +340,11 @@ def timm_architecture(name, model_args, path):
             vit = timm.create_model(name, pretrained=False, **model_args)
     except Exception as e:  # an unknown name, or arguments it does not take
         raise SystemExit(f"{path}: timm cannot build {name!r} ({type(e).__name__}: {e})".splitlines()[0]) from None
-    block = vit.blocks[0]
+    block = next(iter(getattr(vit, "blocks", [])), None)
+    if type(vit).__name__ != "VisionTransformer" or block is None:
+        raise SystemExit(f"{path}: {name!r} is a timm {type(vit).__name__}, not a VisionTransformer these weights fit")
+    if vit.embed_dim != dim:
+        raise SystemExit(f"{path}: {name!r} is {vit.embed_dim} wide, the weights {dim}: not their architecture")
     parallel = hasattr(block, "in_proj")
     act = block.mlp_act if parallel else block.mlp.act
     kind = type(act).__name__

@@ -273,6 +273,19 @@ def test_heads_are_never_guessed(tmp_path):
         mae.from_pretrained(tmp_path / "vit_h.pth", arch="no_such_vit")
 
 
+@pytest.mark.parametrize("named,message", [
+    ("resnet50", "'resnet50' is a timm ResNet, not a VisionTransformer these weights fit"),
+    ("vit_base_patch16_224", "'vit_base_patch16_224' is 768 wide, the weights 96: not their architecture"),
+])
+def test_a_name_that_is_not_the_weights_architecture_is_refused(tmp_path, named, message):
+    """A config.json (or arch=) naming another model: a ResNet has no ViT blocks (a traceback before), and
+    ViT-B's 12 heads divide this 96-wide ViT too, so its heads would have been taken in silence."""
+    torch.save(small_vit().state_dict(), tmp_path / "vit.pth")
+    (tmp_path / "config.json").write_text(f'{{"architecture": "{named}"}}')
+    with pytest.raises(SystemExit, match=message):
+        mae.from_pretrained(tmp_path / "vit.pth")
+
+
 def test_an_architecture_named_without_timm_installed_is_one_line(tmp_path, monkeypatch):
     """The name in config.json cannot be read without timm: one line saying to install it, no guess."""
     torch.save(small_vit(qk_norm=True).state_dict(), tmp_path / "vit.pth")
