@@ -740,7 +740,8 @@ def dihedral(x, k):
 
 
 class Loader:
-    """Micro-batches of uint8 crops [B, C, H, W], forever, from one or several prepared datasets.
+    """Micro-batches of uint8 crops [B, C, H, W], each with the index of the dataset it came from
+    (its channels' names are in that dataset's meta), forever, from one or several prepared datasets.
 
     The order is a function of (seed, step) alone:
     - an optimizer step consumes one global batch of B x world_size x accum_steps crops; this rank's
@@ -796,7 +797,7 @@ class Loader:
             if self.augment:
                 k = np.random.default_rng([self.seed, 2, step, part]).integers(0, 8, len(x))
                 x = dihedral(x, torch.from_numpy(k))
-            yield x.pin_memory() if self.device.type == "cuda" else x
+            yield (x.pin_memory() if self.device.type == "cuda" else x), d
 
     def produce(self, step):
         """The background thread: batches into the queue until close(); an error goes into the queue
@@ -804,8 +805,8 @@ class Loader:
         waiting forever)."""
         try:
             while not self.stopping.is_set():
-                for x in self.step_batches(step):
-                    self.put(x)
+                for batch in self.step_batches(step):
+                    self.put(batch)
                 step += 1
         except BaseException as e:  # SystemExit included: a thread cannot exit the process
             self.put(e)
@@ -827,11 +828,12 @@ class Loader:
         return self
 
     def __next__(self):
-        x = self.queue.get()
-        if isinstance(x, BaseException):
-            self.queue.put(x)  # every later call raises it again
-            raise x
-        return x.to(self.device, non_blocking=True)
+        batch = self.queue.get()
+        if isinstance(batch, BaseException):
+            self.queue.put(batch)  # every later call raises it again
+            raise batch
+        x, d = batch
+        return x.to(self.device, non_blocking=True), d
 
 
 def bench(data, batch_size=256, steps=50, augment=True):
@@ -843,7 +845,7 @@ def bench(data, batch_size=256, steps=50, augment=True):
     next(loader)
     start = time.perf_counter()
     for _ in range(steps):
-        x = next(loader)
+        x, _ = next(loader)
     seconds = time.perf_counter() - start
     mb = x[0].numel() * steps * batch_size / 1e6
     print(f"loader: {steps * batch_size / seconds:.0f} crops/s, {mb / seconds:.0f} MB/s | crops {list(x.shape[1:])} "

@@ -119,6 +119,31 @@ def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_d
     return np.load(out_path, mmap_mode="r"), wells
 
 
+def channel_encoder(model, dataset, keep, blocks):
+    """encode(crops) for model.embed at `blocks` that sees only the dataset's channels named in `keep`
+    (all when None): a CA-MAE is given those alone (with their channel-table rows, by name, when its
+    encoder has a channel table); a standard-tokenization model, which needs every channel, gets the
+    others as zeros, a blank image (self-standardized to 0)."""
+    names = list(dataset.meta["channels"])
+    keep = list(keep or names)
+    unknown = [n for n in keep if n not in names]
+    if unknown:
+        raise SystemExit(f"{dataset.root}: no channel {', '.join(unknown)} (it has {', '.join(names)})")
+    kept = torch.tensor([names.index(n) for n in keep])
+    if not model.config.channel_agnostic:
+        blank = torch.tensor([i for i, n in enumerate(names) if n not in keep], dtype=torch.long)
+        return lambda x: model.embed(x.index_fill(1, blank.to(x.device), 0), blocks)
+    rows = None
+    if model.channel_embed is not None:
+        vocabulary = list(model.config.channel_names) or names
+        unseen = [n for n in keep if n not in vocabulary]
+        if unseen:
+            raise SystemExit(f"{dataset.root}: the model's channel table has no row for {', '.join(unseen)} "
+                             f"(it knows {', '.join(vocabulary)})")
+        rows = torch.tensor([vocabulary.index(n) for n in keep])
+    return lambda x: model.embed(x[:, kept.to(x.device)], blocks, rows)
+
+
 def finish_embedding():
     """After the embedding, only rank 0 goes on (the benchmarks are one process's work); True there."""
     rank, world_size = torchrun_rank()
@@ -1314,6 +1339,9 @@ def main(argv=None):
     parser.add_argument("--null_size", type=int, default=10000, help="null draws of the mAP p-values (p resolution 1/(n+1))")
     parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds")
+    parser.add_argument("--channels", type=lambda s: s.split(","),
+                        help="with --ckpt: the dataset's channels the model sees, by name (e.g. DNA,AGP,Mito); a CA-MAE "
+                             "gets those alone, a standard one the others as zeros. None: all")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1325,6 +1353,8 @@ def main(argv=None):
                                          aggregate=args.aggregate, control=args.control, sources=args.sources,
                                          min_wells=args.min_wells, drop=args.drop),
         groups, args.null_size, args.consistency_p, args.h5ad)
+    if args.channels and not args.ckpt:
+        parser.error("--channels chooses what a model (--ckpt) sees")
     if args.block == "all" and not args.embeddings:
         parser.error("--block all reads the blocks of --embeddings (probe.py's features.npy)")
     if args.embeddings:
@@ -1357,8 +1387,8 @@ def main(argv=None):
             block = args.block or len(model.blocks)
             if not 1 <= block <= len(model.blocks):
                 parser.error(f"--block {block}: {args.ckpt} has blocks 1..{len(model.blocks)}")
-            encode = lambda x: model.embed(x, [block])
-            described = f"{args.ckpt} block {block}"
+            encode = channel_encoder(model, dataset, args.channels, [block])
+            described = f"{args.ckpt} block {block}" + (f" channels {','.join(args.channels)}" if args.channels else "")
         else:
             encode = lambda x: handcrafted_features(x.cpu())[None].to(x.device)
             described = "hand-crafted features"

@@ -42,6 +42,7 @@ class MAEConfig:
     channel_embed: bool = False   # CA only: add a learned per-channel embedding (off = the released CA-MAE encoder)
     max_chans: int = 11           # CA only: most channels a model accepts (size of the channel tables)
     channelwise_embeddings: bool = False  # CA only: embed = each channel's mean token, concatenated [C*D]
+    channel_names: tuple = ()     # CA only: the stain of each channel-table row; train.py appends its data's new names
     dim: int = 384                # encoder width
     depth: int = 12               # encoder blocks
     heads: int = 6                # attention heads (must divide dim)

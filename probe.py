@@ -31,13 +31,15 @@ import model as mae
 
 # ---- features: every block, one pass, cached ---------------------------------------------------------
 
-def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu"):
+def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu", channels=None):
     """[blocks, wells, D] float16 (memory-mapped) and the wells' metadata, from out/features.npy when it
-    was made from the same checkpoint and data (same files, same modification times)."""
+    was made from the same checkpoint, data (same files, same modification times) and channels (the
+    dataset's channels the model sees, by name; None: all; see evaluate.channel_encoder)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source = dict(ckpt=str(Path(ckpt).resolve()), ckpt_mtime=os.path.getmtime(ckpt),
-                  data=str(Path(dataset_root).resolve()), index_mtime=os.path.getmtime(Path(dataset_root) / "index.csv"))
+                  data=str(Path(dataset_root).resolve()), index_mtime=os.path.getmtime(Path(dataset_root) / "index.csv"),
+                  channels=channels)
     cached = out / "features.json"
     if cached.exists() and json.loads(cached.read_text())["source"] == source:
         print(f"block features from the cache {out / 'features.npy'}")
@@ -45,7 +47,8 @@ def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu"):
     device = evaluate.rank_device(device)
     model = mae.from_pretrained(ckpt, device).eval()
     blocks = list(range(1, len(model.blocks) + 1))
-    features, wells = evaluate.embed_wells(lambda x: model.embed(x, blocks), data.CropDataset(dataset_root),
+    dataset = data.CropDataset(dataset_root)
+    features, wells = evaluate.embed_wells(evaluate.channel_encoder(model, dataset, channels, blocks), dataset,
                                            out / "features.npy", batch_size, device)
     if evaluate.torchrun_rank()[0] == 0:
         data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
@@ -216,6 +219,9 @@ def main(argv=None):
     parser.add_argument("--baseline", help="another probe.py --out folder (e.g. the untrained network's), drawn dashed in probe.png")
     parser.add_argument("--batch_size", type=int, default=256, help="crops per embedding batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model embeds and the probes fit")
+    parser.add_argument("--channels", type=lambda s: s.split(","),
+                        help="with --ckpt: the dataset's channels the model sees, by name (e.g. DNA,AGP,Mito); a CA-MAE "
+                             "gets those alone, a standard one the others as zeros. None: all")
     args = parser.parse_args(argv)
     if not (args.ckpt and args.data or args.embeddings):
         parser.error("give --ckpt with --data, or --embeddings (with --metadata for a .npy)")
@@ -225,7 +231,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.ckpt:  # under torchrun every rank embeds its share; rank 0 alone goes on to the probes
-        features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device)
+        features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device, args.channels)
         if not evaluate.finish_embedding():
             return None
     else:

@@ -9,6 +9,11 @@ Genes come from real CORUM complexes (the annotation tables evaluate.py scores w
 a few phenotype axes of its members' cells together. Compounds mimic a target gene. Plates carry batch
 effects. Writes images/{plate}/{well}_s{site}.tif (uint16 [6, S, S]), metadata.csv, truth.json, and the
 inputs of the benchmarks: null_genes.txt, compound_activity.csv, gene_groups.csv, planted.npy/.csv.
+With --channels 5 the same screen is written as a JUMP plate is: five stains (Golgi imaged with actin
+and membrane in AGP), one TIFF per channel named as the Phenix imager names them, and a CellProfiler
+LoadData CSV (load_data.csv) that data.py prepare --load_data reads.
+
+    python synth.py --size demo --channels 5 --out out/jump
 """
 
 import argparse
@@ -42,6 +47,10 @@ BUILTIN_NULL_GENES = ("OR1A1 OR1A2 OR2A4 OR4C3 OR5A1 OR6A2 OR7A5 OR8B2 OR10A3 OR
 
 
 CHANNELS = ("DNA", "RNA", "ER", "AGP", "Golgi", "Mito")
+# JUMP-CP's five stains in its LoadData order, each as a mix of the six rendered ones (rows: CHANNELS),
+# and the imager's channel number in its file names (r01c01f01p01-ch1sk1fk1fl1.tiff)
+JUMP_CHANNELS = {"DNA": (1, [1, 0, 0, 0, 0, 0]), "ER": (4, [0, 0, 1, 0, 0, 0]), "RNA": (3, [0, 1, 0, 0, 0, 0]),
+                 "AGP": (2, [0, 0, 0, 1, 1, 0]), "Mito": (5, [0, 0, 0, 0, 0, 1])}
 # Phenotype axes a perturbation shifts (in units of the cell-to-cell spread). Absolute intensity is
 # deliberately not among them: the model z-scores every crop, so only shape, texture, layout and
 # ratios between compartments are visible to it, as in real images after per-image normalization.
@@ -222,14 +231,31 @@ def spoil(rng, image, kind, plate):
     return image
 
 
-def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False):
+def write_jump_site(out, plate, well, site, pixels):
+    """One site as a JUMP plate stores it: a uint16 TIFF per stain, named as the Phenix imager names it.
+    Returns the LoadData CSV's row (paths relative to the CSV, which data.py resolves beside it)."""
+    mix = np.array([weights for _, weights in JUMP_CHANNELS.values()], np.float64)
+    stains = np.clip(np.tensordot(mix, pixels.astype(np.float64), 1), 0, 65535).astype(np.uint16)
+    field = f"r{'ABCDEFGH'.index(well[0]) + 1:02d}c{int(well[1:]):02d}f{site:02d}p01"
+    row = [plate, well, site]
+    for (name, (number, _)), image in zip(JUMP_CHANNELS.items(), stains):
+        path = out / "images" / plate / f"{field}-ch{number}sk1fk1fl1.tiff"
+        data.write_atomic(path, lambda f: tifffile.imwrite(f, image, photometric="minisblack"))
+        row += [path.name, f"images/{plate}"]
+    return row
+
+
+def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False, channels=6):
     """Write a synthetic screen: images/{plate}/{well}_s{site}.tif (uint16 [6, S, S]), metadata.csv,
     truth.json (each gene's complex and planted phenotype, each compound's target, the planted junk),
     and the inputs evaluate.py and probe.py take: null_genes.txt (genes planted without effect, like
     unexpressed genes), compound_activity.csv (each compound's target and potency), gene_groups.csv (each
     complex gene's complex, for probe.py --task group), and planted.npy + planted.csv (each well's
     planted phenotype, before plate effects and rendering: the truth as a map). replicates: wells per gene
-    per experiment; junk: plant bad images, unlabeled wells and inconsistent genes (plant_junk)."""
+    per experiment; junk: plant bad images, unlabeled wells and inconsistent genes (plant_junk).
+    channels=5: the same screen as a JUMP plate (write_jump_site, load_data.csv)."""
+    if channels not in (5, 6):
+        raise SystemExit(f"--channels {channels}: 6 (this project's stains) or 5 (JUMP-CP's)")
     out = Path(out)
     annotations = evaluate.annotation_tables() if annotations == "auto" else annotations
     if annotations is None:
@@ -239,7 +265,7 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
     plates = {w["plate"]: plate_effects(rng, cfg["image_size"]) for w in wells}
     planted = plant_junk(np.random.default_rng([seed, 7]), wells, effects, groups) if junk else {}
     spoiled = {i: kind for kind in ("blurred", "empty", "saturated") for i in planted.get(kind, [])}
-    rows, junk_images = [], {kind: [] for kind in ("blurred", "empty", "saturated")}
+    rows, load_data, junk_images = [], [], {kind: [] for kind in ("blurred", "empty", "saturated")}
     truth_rows, truth_phenotypes = [], []  # per well: the phenotype its images were rendered from
     for i, w in enumerate(tqdm(wells, desc=f"synth {size}", unit="well")):
         if w["perturbation"] in planted.get("inconsistent", ()):
@@ -266,14 +292,21 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
                 junk_images[spoiled[i]].append(str(path.relative_to(out / "images")))
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.clip(image * 8000 + 300, 0, 65535).astype(np.uint16)
-            data.write_atomic(path, lambda f: tifffile.imwrite(f, pixels, photometric="minisblack"))
+            if channels == 5:
+                load_data.append(write_jump_site(out, w["plate"], w["well"], site, pixels))
+            else:
+                data.write_atomic(path, lambda f: tifffile.imwrite(f, pixels, photometric="minisblack"))
             rows.append([w["plate"], w["well"], site, label, w["perturbation_type"],
                          w["perturbation_type"] == "control", w["experiment"], "synthetic-U2OS",
                          w["concentration"]])
     data.write_csv(out / "metadata.csv", ["plate", "well", "site", "perturbation", "perturbation_type", "is_control",
                                      "experiment", "cell_type", "concentration"], rows)
+    if channels == 5:
+        data.write_csv(out / "load_data.csv", ["Metadata_Plate", "Metadata_Well", "Metadata_Site",
+                                               *(f"{kind}_Orig{name}" for name in JUMP_CHANNELS for kind in ("FileName", "PathName"))],
+                       load_data)
     data.write_json(out / "truth.json", dict(
-        seed=seed, size=size, features=FEATURES, channels=CHANNELS,
+        seed=seed, size=size, features=FEATURES, channels=CHANNELS if channels == 6 else list(JUMP_CHANNELS),
         annotations=str(annotations) if annotations else "builtin",
         genes={g: dict(complex=groups[g], effect=effects[g].round(4).tolist()) for g in sorted(effects)},
         compounds=compounds, replicates=replicates,
@@ -300,6 +333,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="the screen is a function of it")
     parser.add_argument("--replicates", type=int, default=1, help="wells per gene per experiment")
     parser.add_argument("--junk", action="store_true", help="plant bad images, unlabeled wells, inconsistent genes")
+    parser.add_argument("--channels", type=int, default=6, choices=[6, 5],
+                        help="6: one TIFF per site (DNA, RNA, ER, AGP, Golgi, Mito); 5: JUMP-like, DNA, ER, RNA, AGP "
+                             "(with Golgi), Mito, a TIFF per channel and load_data.csv")
     synth(**vars(parser.parse_args(argv)))
 
 

@@ -22,7 +22,7 @@ import time
 import warnings
 import zlib
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,14 +193,28 @@ def make_optimizer(model):
 
 
 def open_datasets():
-    """The prepared datasets, checked against the model: crop size, and channels for standard tokenization."""
+    """The prepared datasets, checked against the model: crop size, and channels for standard tokenization.
+    For a CA-MAE also each dataset's channel-table rows, matched by the names in its meta.json: a JUMP
+    screen stores DNA, ER, RNA, AGP, Mito and an RxRx one DNA, ER, actin, RNA, Mito, Golgi, so the same
+    stain must take the same row whatever its position. model_config.channel_names (saved with the model)
+    grows by the names it lacks, in the order they come; one dataset keeps rows 0..C-1."""
+    global model_config
     datasets = [CropDataset(path) for path in data.split(",")]
     for d in datasets:
         if d.meta["crop_size"] != model_config.img_size:
             raise SystemExit(f"{d.root}: crops are {d.meta['crop_size']} px, the model takes img_size={model_config.img_size}")
         if not model_config.channel_agnostic and d.channels != model_config.in_chans:
             raise SystemExit(f"{d.root}: {d.channels} channels, the model takes in_chans={model_config.in_chans}")
-    return datasets
+    if not model_config.channel_agnostic:
+        return datasets, [None] * len(datasets)
+    names = list(model_config.channel_names)
+    for d in datasets:
+        names += [n for n in d.meta["channels"] if n not in names]
+    if len(names) > model_config.max_chans:
+        raise SystemExit(f"{data}: {len(names)} differently named channels ({', '.join(names)}), "
+                         f"the model's channel tables hold max_chans={model_config.max_chans}")
+    model_config = replace(model_config, channel_names=tuple(names))
+    return datasets, [torch.tensor([names.index(n) for n in d.meta["channels"]], device=device) for d in datasets]
 
 
 def device_mesh(world_size):
@@ -411,13 +425,13 @@ def write_loss_curve(path, log_path, width=480, height=200, margin=8):
 
 
 @torch.no_grad()
-def snapshot(model, x, step, write, crops=4):
+def snapshot(model, x, rows, step, write, crops=4):
     """out_dir/recon_STEP.png: a row per channel; for each of the first `crops` crops of the batch three
     panels: input | masked input (masked patches black) | the masked patches predicted, pasted between the
     visible ones (as the MAE paper shows them). Small crops are enlarged."""
     model.eval()
     x = x[:crops]
-    _, pred, mask = model(x)
+    _, pred, mask = model(x, rows)
     target = standardize(x)
     recon = model.unpatchify(pred.float(), x.shape[1])
     patch_mask = model.unpatchify(mask[..., None].expand_as(pred).float(), x.shape[1])
@@ -455,7 +469,7 @@ def main():
     accum_steps = global_batch // (batch_size * world_size)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
 
-    datasets = open_datasets()
+    datasets, channel_rows = open_datasets()
     resume_from = resume_point(rank)
     changes, history = resume_changes(resume_from, datasets) if resume_from else ({}, [])
     with torch.device("meta"):  # build on meta, parallelize, then materialize: no throwaway full-size init
@@ -501,33 +515,35 @@ def main():
 
     def gradients(step):
         """This rank's micro-batches of the step, forward and backward, gradients reduced and clipped.
-        Returns the summed loss and the gradient norm (on the device) and the last micro-batch."""
+        Returns the summed loss and the gradient norm (on the device) and the last micro-batch with its
+        channel-table rows."""
         loss_sum = torch.zeros((), device=device)
         for m in range(accum_steps):
             # masks and drop-path draw from (seed, step, slice of the global batch): a resumed run, or
             # one with another world size, makes the same draws for the same crops
             torch.manual_seed(seed + 1_000_003 * step + m * world_size + rank)
-            x = next(loader)
-            kept = sampled_channels(step, x.shape[1]).to(x.device) if channel_sampling else None
-            if kept is not None:  # the tokens, masking and loss of the kept channels only
-                x = x[:, kept]
+            x, d = next(loader)
+            rows = channel_rows[d]  # which channel-table rows the decoder (and a channel_embed) uses
+            if channel_sampling:  # the tokens, masking and loss of the kept channels only
+                kept = sampled_channels(step, x.shape[1]).to(x.device)
+                x, rows = x[:, kept], rows[kept]
             last = m == accum_steps - 1
             if parallel in ("fsdp", "hsdp"):
                 model.set_requires_gradient_sync(last)
             with autocast, attention(), (step_model.no_sync() if parallel == "ddp" and not last else nullcontext()):
-                loss = step_model(x, kept)[0]  # kept: which channel-table rows the decoder uses
+                loss = step_model(x, rows)[0]
             (loss / accum_steps).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        return loss_sum, grad_norm, x
+        return loss_sum, grad_norm, x, rows
 
     try:
         for step in range(start, max_steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss_sum, grad_norm, x = gradients(step)
+            loss_sum, grad_norm, x, rows = gradients(step)
             # A non-finite loss or gradient skips the step on the device (the optimizer reads found_inf):
             # the host does not wait for the step to decide. Gradients are reduced: every rank decides alike.
             finite = torch.isfinite(grad_norm)
@@ -567,7 +583,7 @@ def main():
                         log.flush()
                 last_log = (done, time.perf_counter())
             if snapshot_interval and done % snapshot_interval == 0:
-                snapshot(model, x, done, write=rank == 0)  # every rank computes: FSDP gathers weights collectively
+                snapshot(model, x, rows, done, write=rank == 0)  # every rank computes: FSDP gathers weights collectively
                 if log:
                     write_loss_curve(Path(out_dir) / "loss.png", log_path)
             if checkpoint_due:

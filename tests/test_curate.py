@@ -84,7 +84,7 @@ def test_curated_dataset_trains_like_any_other(junk_screen):
     rows = data.read_csv(root / "curated" / "index.csv")
     first = int(rows[0]["shard"]), int(rows[0]["offset"])
     np.testing.assert_array_equal(curated.crops([0])[0], np.load(source.root / f"shard_{first[0]:05d}.npy")[first[1]])
-    batch = next(data.Loader([curated], batch_size=4, augment=False))
+    batch, _ = next(data.Loader([curated], batch_size=4, augment=False))
     assert batch.shape == (4, 6, 32, 32) and batch.dtype == torch.uint8
     controls = report["control_wells_negative"]
     assert controls["kept"] == pytest.approx(0.3 * controls["before"], abs=max(3, 0.15 * controls["before"]))

@@ -224,11 +224,11 @@ def test_two_ranks_read_disjoint_slices_that_cover_the_epoch(prepared):
     seen = []
     for rank in (0, 1):
         loader = Loader([dataset], batch_size=10, rank=rank, world_size=2, seed=3, augment=False)
-        seen.append([i for _ in range(5) for i in crop_ids(dataset, next(loader))])
+        seen.append([i for _ in range(5) for i in crop_ids(dataset, next(loader)[0])])
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(100))
     next_epoch = Loader([dataset], batch_size=10, rank=0, world_size=2, seed=3, augment=False, start_step=5)
-    assert sorted(crop_ids(dataset, next(next_epoch))) != sorted(seen[0][:10])  # a new permutation
+    assert sorted(crop_ids(dataset, next(next_epoch)[0])) != sorted(seen[0][:10])  # a new permutation
 
 
 def test_loader_resumes_the_same_sample_order(prepared):
@@ -236,8 +236,9 @@ def test_loader_resumes_the_same_sample_order(prepared):
     whole = Loader(datasets, batch_size=4, weights=[1, 1], seed=7)
     batches = [next(whole) for _ in range(12)]
     resumed = Loader(datasets, batch_size=4, weights=[1, 1], seed=7, start_step=8)
-    for expected in batches[8:]:
-        assert torch.equal(next(resumed), expected)
+    for expected, d in batches[8:]:
+        x, same_d = next(resumed)
+        assert torch.equal(x, expected) and same_d == d
 
 
 def test_one_process_accumulating_sees_what_two_processes_see(prepared):
@@ -245,21 +246,23 @@ def test_one_process_accumulating_sees_what_two_processes_see(prepared):
     one = Loader(datasets, batch_size=4, accum_steps=2, seed=5)
     ranks = [Loader(datasets, batch_size=4, world_size=2, rank=r, seed=5) for r in (0, 1)]
     for _ in range(6):  # 6 optimizer steps, augmentation included
-        assert torch.equal(next(one), next(ranks[0]))
-        assert torch.equal(next(one), next(ranks[1]))
+        assert torch.equal(next(one)[0], next(ranks[0])[0])
+        assert torch.equal(next(one)[0], next(ranks[1])[0])
 
 
 def test_mixed_channel_counts_give_homogeneous_batches_by_weight(prepared):
     datasets = [CropDataset(prepared[0]), CropDataset(prepared[1])]
     loader = Loader(datasets, batch_size=4, weights=[3, 1], seed=0)
-    channels = [next(loader).shape[1] for _ in range(400)]
+    batches = [next(loader) for _ in range(400)]
+    channels = [x.shape[1] for x, _ in batches]
     assert set(channels) == {3, 6}
+    assert all(x.shape[1] == datasets[d].channels for x, d in batches)  # each batch names its dataset
     assert 0.68 < channels.count(3) / 400 < 0.82  # weight 3:1 -> 75%
 
 
 def test_a_dataset_must_fill_one_global_batch_exactly_or_more(prepared):
     dataset = CropDataset(prepared[0])  # 100 crops
-    assert next(Loader([dataset], batch_size=50, world_size=2, augment=False)).shape[0] == 50
+    assert next(Loader([dataset], batch_size=50, world_size=2, augment=False))[0].shape[0] == 50
     with pytest.raises(SystemExit, match="100 crops cannot fill a global batch of 102"):
         Loader([dataset], batch_size=51, world_size=2)
 
@@ -272,7 +275,7 @@ def test_the_loader_augments_each_crop_by_its_own_symmetry(prepared):
     plain = Loader([dataset], batch_size=10, seed=3, augment=False)
     elements = []
     for _ in range(3):
-        a, p = next(augmented), next(plain)
+        a, p = next(augmented)[0], next(plain)[0]
         for crop, source in zip(a, p):
             matches = [k for k in range(8) if torch.equal(crop, dihedral(source[None], torch.tensor([k]))[0])]
             assert matches, "an augmented crop that is no symmetry of its source"

@@ -524,6 +524,39 @@ def test_a_map_the_benchmarks_cannot_score_is_one_line_and_writes_nothing(tmp_pa
     assert not (tmp_path / "out" / "aligned.npy").exists() and not (tmp_path / "out" / "report.json").exists()
 
 
+def test_a_model_sees_only_the_channels_asked_for(screen, tmp_path):
+    """--channels: a CA-MAE embeds the kept channels alone, a standard MAE gets the others as a blank
+    stain (any constant: self-standardization makes it 0), a channel table's rows follow the names, and
+    probe.py caches the blocks of each choice apart (the cache of all channels is not reused for one)."""
+    import model as mae
+    import probe
+    dataset = data.CropDataset(screen / "crops")  # channels named ch1..ch6
+    x = torch.from_numpy(dataset.crops(range(8)))
+    tiny = dict(img_size=32, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, dec_depth=0)
+    ca = mae.build(mae.MAEConfig(channel_agnostic=True, **tiny), verbose=False).eval()
+    torch.testing.assert_close(evaluate.channel_encoder(ca, dataset, ["ch6", "ch1"], [1, 2])(x), ca.embed(x[:, [5, 0]], [1, 2]))
+    assert not torch.allclose(evaluate.channel_encoder(ca, dataset, ["ch1", "ch6"], [2])(x), ca.embed(x, [2]), atol=1e-3)
+    standard = mae.build(mae.MAEConfig(**tiny), verbose=False).eval()
+    blank = x.clone()
+    blank[:, 1:5] = 77
+    torch.testing.assert_close(evaluate.channel_encoder(standard, dataset, ["ch1", "ch6"], [2])(x), standard.embed(blank, [2]))
+    stains = mae.build(mae.MAEConfig(channel_agnostic=True, channel_embed=True, channel_names=("ch6", "ch5", "ch4", "ch3", "ch2", "ch1"),
+                                     **tiny), verbose=False).eval()
+    torch.nn.init.normal_(stains.channel_embed)
+    by_name = evaluate.channel_encoder(stains, dataset, ["ch1"], [1])(x)
+    torch.testing.assert_close(by_name, stains.embed(x[:, [0]], [1], torch.tensor([5])))
+    assert not torch.allclose(by_name, stains.embed(x[:, [0]], [1], torch.tensor([0])), atol=1e-3)
+    with pytest.raises(SystemExit, match="no channel DNA"):
+        evaluate.channel_encoder(ca, dataset, ["DNA"], [1])
+    mae.save_consolidated(tmp_path / "ca.pt", ca.config, ca.state_dict())
+    cached = lambda *extra: probe.block_features(tmp_path / "ca.pt", screen / "crops", tmp_path / "probe", *extra)[0]
+    alone = np.asarray(cached(256, "cpu", ["ch3"]), np.float32)
+    every = np.asarray(cached(256, "cpu"), np.float32)
+    assert not np.allclose(alone, every, atol=1e-3)
+    np.testing.assert_allclose(alone, evaluate.embed_wells(lambda c: ca.embed(c[:, [2]], [1, 2]), dataset, tmp_path / "e.npy")[0],
+                               atol=1e-3)
+
+
 def test_a_block_the_model_does_not_have_is_one_line(screen, tmp_path):
     import model as mae
     model = mae.build(mae.MAEConfig(img_size=32, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, dec_depth=0), verbose=False)

@@ -94,3 +94,23 @@ def test_planted_map_is_the_rendered_phenotype(tmp_path):
     assert abs(variation.mean()) < 0.02 and 0.13 < variation.std() < 0.17
     groups = data.read_csv(tmp_path / "gene_groups.csv")
     assert groups and all(truth["genes"][r["gene"]]["complex"] == r["group"] for r in groups)
+
+
+def test_the_jump_like_screen_is_the_same_screen_in_five_stains_that_loaddata_reads(screen, tmp_path):
+    """--channels 5: the same wells and pixels, Golgi added into AGP, a TIFF per stain under the imager's
+    names, and a LoadData CSV that data.py's JUMP reader prepares into crops named DNA, ER, RNA, AGP, Mito."""
+    jump = synth.synth(tmp_path / "jump", size="tests", seed=0, channels=5)
+    assert (jump / "metadata.csv").read_bytes() == (screen / "metadata.csv").read_bytes()
+    sites = list(csv.DictReader(open(jump / "load_data.csv")))
+    assert len(sites) == len(list((screen / "images").rglob("*.tif")))
+    for site in sites[:5]:
+        six = tifffile.imread(screen / "images" / site["Metadata_Plate"] / f"{site['Metadata_Well']}_s{site['Metadata_Site']}.tif")
+        stain = lambda name: tifffile.imread(jump / site[f"PathName_Orig{name}"] / site[f"FileName_Orig{name}"])
+        for name, row in (("DNA", 0), ("RNA", 1), ("ER", 2), ("Mito", 5)):
+            np.testing.assert_array_equal(stain(name), six[row])
+        np.testing.assert_array_equal(stain("AGP"), np.clip(six[3].astype(int) + six[4], 0, 65535))
+        assert site["FileName_OrigDNA"].startswith("r") and site["FileName_OrigDNA"].endswith("-ch1sk1fk1fl1.tiff")
+    crops = data.CropDataset(data.prepare(None, jump / "metadata.csv", tmp_path / "crops", crop_size=32,
+                                          load_data=jump / "load_data.csv", workers=1))
+    assert crops.meta["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"] and crops.channels == 5
+    assert len(crops) == 4 * len(sites)

@@ -27,7 +27,16 @@ TINY = dict(preset="vits16", channel_agnostic=True, img_size=32, patch_size=8, d
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     screen = synth.synth(root / "screen", size="tests", seed=0)
-    return data.prepare(screen / "images", screen / "metadata.csv", root / "crops", crop_size=32, workers=2)
+    return data.prepare(screen / "images", screen / "metadata.csv", root / "crops", crop_size=32, workers=2,
+                        channels=list(synth.CHANNELS))
+
+
+@pytest.fixture(scope="module")
+def jump_dataset(tmp_path_factory):
+    """The same screen as a 5-stain JUMP plate (DNA, ER, RNA, AGP with Golgi, Mito), read from its LoadData CSV."""
+    root = tmp_path_factory.mktemp("jump")
+    screen = synth.synth(root / "screen", size="tests", seed=0, channels=5)
+    return data.prepare(None, screen / "metadata.csv", root / "crops", crop_size=32, load_data=screen / "load_data.csv", workers=2)
 
 
 def command(dataset, out_dir, nproc=1, restarts=0, **overrides):
@@ -680,3 +689,29 @@ def test_channel_sampling_trains_and_two_processes_agree(dataset, tmp_path):
     two = train(dataset, tmp_path / "two", nproc=2, parallel="ddp", **settings)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_mixed_channel_counts_train_one_ca_mae_and_two_processes_agree(dataset, jump_dataset, tmp_path):
+    """A 6-stain screen and a 5-stain JUMP plate train one CA-MAE, drawn by weight: the loss falls, 2 DDP
+    processes give the 1-process losses (a step's ranks read one dataset, so shapes agree), and the model
+    records the stains of its channel tables by name."""
+    settings = dict(max_steps=12, ckpt_interval=12, data=f"{dataset},{jump_dataset}", data_weights="1,1")
+    one = train(dataset, tmp_path / "one", **settings)
+    assert np.mean([one[s] for s in (9, 10, 11)]) < 0.85 * np.mean([one[s] for s in (0, 1, 2)])
+    two = train(dataset, tmp_path / "two", nproc=2, parallel="ddp", **settings)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    assert from_pretrained(tmp_path / "one" / "model.pt").config.channel_names == synth.CHANNELS
+
+
+def test_a_stain_takes_its_own_channel_row_wherever_a_screen_stores_it(dataset, jump_dataset, tmp_path):
+    """Trained on the JUMP plate alone (weight 0 for the 6-stain screen listed first), the decoder's channel
+    table moves in the rows of DNA, RNA, ER, AGP and Mito of the 6-stain order, and the Golgi row, which the
+    JUMP plate lacks, stays as initialized (by position, ER would have trained RNA's row and Golgi's would move)."""
+    settings = dict(data=f"{dataset},{jump_dataset}", data_weights="0,1", lr=1e-2)
+    train(dataset, tmp_path / "init", max_steps=0, **settings)
+    train(dataset, tmp_path / "trained", max_steps=6, ckpt_interval=6, **settings)
+    table = lambda run: from_pretrained(tmp_path / run / "model.pt").dec_channel_embed.detach()
+    moved = (table("trained") - table("init")).abs().amax(dim=1)
+    golgi = synth.CHANNELS.index("Golgi")
+    assert moved[golgi] < 1e-3 and all(moved[i] > 1e-2 for i in range(6) if i != golgi), moved
