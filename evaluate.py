@@ -610,6 +610,13 @@ def mid_ranks(values):
     return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
 
 
+def spearman(a, b):
+    """Spearman's rank correlation: Pearson's of the mid-ranks (None when either side is constant)."""
+    ra, rb = mid_ranks(np.asarray(a, float)) - (len(a) + 1) / 2, mid_ranks(np.asarray(b, float)) - (len(b) + 1) / 2
+    scale = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / scale) if scale > 0 else None
+
+
 def cvm_statistic(a, b):
     """Two-sample Cramer-von Mises statistic T (Anderson 1962; scipy's cramervonmises_2samp), with
     mid-ranks for ties."""
@@ -1363,7 +1370,7 @@ def main(argv=None):
             per_block = {}
             for block in range(1, len(features) + 1):
                 report = run(features[block - 1], out / f"block_{block:02d}", f"{args.embeddings} block {block}")
-                per_block[block] = {"CORUM recall 5/95": report["recall"]["CORUM"]["recall_0.05_0.95"],
+                per_block[block] = {**{f"{source} recall 5/95": r["recall_0.05_0.95"] for source, r in report["recall"].items()},
                                     f"consistent p<{args.consistency_p:g}": report["consistency"]["fraction_p_below"],
                                     **{f"mAP {k}": m["mean_map"] for k, m in report["map"].items()}}
             names = list(per_block[1])

@@ -1,8 +1,13 @@
 """The main job end to end (demo.py): the README's command, on the demo screen with fewer steps."""
 
+import csv
 import json
 import subprocess
 import sys
+
+import pytest
+
+spearmanr = pytest.importorskip("scipy.stats", reason="scipy is a test-only dependency").spearmanr
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -40,6 +45,16 @@ def test_demo_end_to_end_trained_beats_untrained(tmp_path):
     best = json.loads((out / "probe" / "probe.json").read_text())["best_block"]["group"]
     assert rows["MAE trained, best block"]["block"] == best
     assert "| MAE trained, best block |" in (out / "table.md").read_text()
+    # the block search's case: Spearman between the probe's per-block accuracy and per-block recall,
+    # as scipy computes it from probe.py's curve and evaluate.py --block all's table
+    curve = json.loads((out / "probe" / "probe.json").read_text())["curves"]["group"]
+    per_block = list(csv.DictReader(open(out / "eval_blocks" / "blocks.csv")))
+    assert [int(r["block"]) for r in per_block] == list(range(1, 7))
+    for source in ("CORUM", "StringDB"):
+        expected = spearmanr([curve[r["block"]]["balanced_accuracy"] for r in per_block],
+                             [float(r[f"{source} recall 5/95"]) for r in per_block]).statistic
+        assert table["block_agreement"][0][source] == pytest.approx(expected, abs=1e-9)
+        assert f"{source} {table['block_agreement'][0][source]:.3f}" in (out / "table.md").read_text()
     # reconstruction grids: PNGs of a row per channel (6) and 3 framed panels for each of 4 crops,
     # 32 px crops enlarged 4x
     pictures = sorted((out / "train").glob("recon_*.png"))

@@ -249,6 +249,14 @@ def noise_wells(rng, perturbations=300, replicates=4, d=32, signal=0.0):
     return x, names, batches
 
 
+def test_spearman_is_scipys_with_ties():
+    rng = np.random.default_rng(4)
+    for a, b in ((rng.normal(size=12), rng.normal(size=12)), (rng.integers(0, 4, 30), rng.integers(0, 3, 30)),
+                 ([0.1, 0.2, 0.3, 0.5, 0.4, 0.6], [1, 2, 3, 4, 5, 6])):
+        assert evaluate.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert evaluate.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
 def test_consistency_p_values_are_uniform_for_noise():
     x, names, batches = noise_wells(np.random.default_rng(9))
     summary, p = evaluate.replicate_consistency(x, names, batches, null_groups=2000)
