@@ -167,8 +167,9 @@ class Lion(torch.optim.Optimizer):
 def sampled_channels(step, channels):
     """Hierarchical channel sampling (ChannelViT, Bao et al. ICLR 2024): this step's k, uniform in
     [min_channels, C], then k of the C channels at random, kept in their order. Drawn from (seed, step):
-    every micro-step and rank of a step keeps the same channels, so a step has one shape everywhere (a
-    compiled model sees at most C - min_channels + 1 shapes) and any world size makes the same draws."""
+    every micro-step and rank of a step keeps the same channels, so a step has one shape everywhere and
+    any world size makes the same draws. A compiled block recompiles once, at the second token count,
+    with the count dynamic from then on."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     k = int(torch.randint(min(min_channels, channels), channels + 1, (1,), generator=generator))
     return torch.randperm(channels, generator=generator)[:k].sort().values
