@@ -381,7 +381,8 @@ def test_data_weights_choose_the_datasets(dataset, tmp_path, single):
     """data_weights '1,0' over two datasets trains on the first alone: the losses of the one-dataset run."""
     _, reference = single
     screen = dataset.parent / "screen"
-    other = data.prepare(screen / "images", screen / "metadata.csv", tmp_path / "shifted", crop_size=32, convert="shift", workers=2)
+    other = data.prepare(screen / "images", screen / "metadata.csv", tmp_path / "shifted", crop_size=32, convert="shift", workers=2,
+                         channels=list(synth.CHANNELS))
     mixed = train(dataset, tmp_path / "run", max_steps=12, ckpt_interval=12, data=f"{dataset},{other}", data_weights="1,0")
     assert mixed == reference
 
