@@ -72,15 +72,18 @@ def fmt(value):
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def markdown(header, keys, rows):
+    """A markdown table: the header, then a line per row of its values at `keys` (fmt)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]) + "\n"
+
+
 def table_markdown(rows, consistency_p):
     header = ["map", "block", *(f"{s} 5/95" for s in SOURCES), f"consistent p<{consistency_p:g}", "KS", "probe bal.acc", "compound AP"]
     keys = ["map", "block", *SOURCES, "consistent", "ks", "probe", "compound_ap"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     chance = rows[0]["chance"]
-    lines.append(f"\nchance: recall 0.100 (a random pair is in the top 5% or bottom 5% one time in ten), "
-                 f"probe {chance['probe']:.3f}, compound AP {fmt(chance['compound_ap'])}")
-    return "\n".join(lines) + "\n"
+    return markdown(header, keys, rows) + (f"\nchance: recall 0.100 (a random pair is in the top 5% or bottom 5% one time "
+                                           f"in ten), probe {chance['probe']:.3f}, compound AP {fmt(chance['compound_ap'])}\n")
 
 
 def scored(network, stains, where, ckpt, crops, keep, benchmarks, probe_args):
@@ -131,8 +134,7 @@ def channel_study(out, args, crop_size, benchmarks, consistency_p, split, train_
                                jump_crops, None, benchmarks, probe_args))
     header = ["network", "stains seen", "CORUM 5/95", "StringDB 5/95", f"consistent p<{consistency_p:g}", "probe bal.acc"]
     keys = ["network", "stains", "CORUM", "StringDB", "consistent", "probe"]
-    text = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)]) + "\n"
+    text = markdown(header, keys, rows)
     data.write_json(study / "table.json", dict(rows=rows, train_args=train_args))
     data.write_atomic(study / "table.md", lambda f: f.write(text.encode()))
     print(f"\n{text}\n{study / 'table.md'}")
