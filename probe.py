@@ -229,6 +229,8 @@ def main(argv=None):
         parser.error("give --ckpt with --data, or --embeddings (with --metadata for a .npy)")
     if args.trim and not args.ckpt:
         parser.error("--trim needs --ckpt")
+    if args.channels and not args.ckpt:
+        parser.error("--channels chooses what a model (--ckpt) sees")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -556,6 +556,10 @@ def test_a_model_sees_only_the_channels_asked_for(screen, tmp_path):
     assert not torch.allclose(by_name, stains.embed(x[:, [0]], [1], torch.tensor([0])), atol=1e-3)
     with pytest.raises(SystemExit, match="no channel DNA"):
         evaluate.channel_encoder(ca, dataset, ["DNA"], [1])
+    for script in ("probe.py", "evaluate.py"):  # stains of made embeddings cannot be chosen: refused, not ignored
+        run = subprocess.run([sys.executable, script, "--embeddings", str(tmp_path / "x.npy"), "--metadata", str(tmp_path / "x.csv"),
+                              "--channels", "ch1", "--out", str(tmp_path / "refused")], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith("--channels chooses what a model (--ckpt) sees")
     mae.save_consolidated(tmp_path / "ca.pt", ca.config, ca.state_dict())
     cached = lambda *extra: probe.block_features(tmp_path / "ca.pt", screen / "crops", tmp_path / "probe", *extra)[0]
     alone = np.asarray(cached(256, "cpu", ["ch3"]), np.float32)
