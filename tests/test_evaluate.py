@@ -97,18 +97,43 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
     x = evaluate.unit_rows(structured_map(rng, 300, 40))
     full = np.sort((x @ x.T).numpy()[np.triu_indices(300, 1)])
     ranks = [0, 17, 2242, 22425, 44850 - 1]
-    stats, _, _ = evaluate.cosine_order_statistics(x, ranks, torch.zeros(0, dtype=torch.long),
-                                                   torch.zeros(0, dtype=torch.long), sample_rows=3, window=1e-6)
+    stats, _, _ = evaluate.cosine_order_statistics(x, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                   sample_rows=3, window=1e-6)
     for r in ranks:
         assert abs(stats[r] - full[r]) < 1e-15
+
+
+def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does():
+    """triangle_pass against the dense upper triangle of the same float32 tiles: per window, the pairs
+    below it counted and the pairs inside it kept (values and i*n+j), and the query cosines; small
+    tiles, so that rows and columns of tiles end ragged and the diagonal cuts through tiles."""
+    rng = np.random.default_rng(5)
+    n, rows, cols = 700, 64, 160
+    x32 = evaluate.unit_rows(structured_map(rng, n, 24)).float()
+    dense = np.full((n, n), np.nan, np.float32)
+    for i0, j0, g in evaluate.upper_triangle_tiles(x32, 4, rows, cols):
+        dense[i0:i0 + g.shape[0], j0:j0 + g.shape[1]] = g.numpy()
+    upper = dense[np.triu_indices(n, 1)]
+    edges = np.sort(upper)[(np.array([0.02, 0.05, 0.07, 0.2, 0.9, 0.93]) * len(upper)).astype(int)].tolist()
+    # ends on values of the triangle (a pair on each end), one window open, two overlapping
+    windows = {10: (-math.inf, edges[0]), 20: (edges[1], edges[2]), 30: (edges[1], edges[3]), 40: (edges[4], edges[5])}
+    pair_i, pair_j = np.triu_indices(n, 1)
+    pick = np.sort(rng.choice(len(pair_i), 500, replace=False))
+    below, kept, query32 = evaluate.triangle_pass(x32, windows, pair_i[pick], pair_j[pick], 4, rows, cols)
+    assert np.array_equal(query32, dense[pair_i[pick], pair_j[pick]])
+    for r, (lo, hi) in windows.items():
+        assert below[r] == np.count_nonzero(upper < lo)
+        inside = np.flatnonzero((dense >= lo) & (dense <= hi))  # flat i*n+j, sorted
+        values, flat = kept[r]
+        order = np.argsort(flat)
+        assert np.array_equal(flat[order], inside) and np.array_equal(values[order], dense.reshape(-1)[inside])
 
 
 def test_a_window_that_cuts_the_error_interval_is_a_miss():
     """A rank is settled only when its window holds all of [t32 - 2e, t32 + 2e]: a pair just past the
     window's end was never kept, and its float64 value could be the rank's. (The old test of this
     condition read `not lo <= a and b <= hi` and let a window cut on its upper side pass.)"""
-    values, e = torch.tensor([0.1, 0.2, 0.3]), 0.01
-    kept = {1: [(values, torch.arange(3))]}  # rank 1 (0-based) is 0.2 in float32
+    kept, e = {1: (np.float32([0.1, 0.2, 0.3]), np.arange(3))}, 0.01  # rank 1 (0-based) is 0.2 in float32
     assert evaluate.candidates_of_ranks({1: (0.0, 0.21)}, {1: 0}, kept, e) is None
     assert evaluate.candidates_of_ranks({1: (0.19, 0.3)}, {1: 0}, kept, e) is None
     count_below, candidates = evaluate.candidates_of_ranks({1: (0.0, 0.3)}, {1: 0}, kept, e)[1]
