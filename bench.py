@@ -21,8 +21,9 @@ Speed, printed as figures.
    each, and `lion` on the GPU.
 3. `lion`: train.py's foreach Lion against the loop over parameters it replaced, on one rank's shards
    of vitg8's 732 parameters (--world_size), same tensors, taking turns.
-4. `recall`: known-relationship recall on a whole-genome-sized map (real gene symbols, random
-   clustered features), all five sources: evaluate.py vs efaar-benchmarking's
+4. `recall`: known-relationship recall, all five sources, on whole-genome-sized maps of five kinds
+   (recall_map: random, planted complexes, clustered, tied duplicates, 80% unannotated): evaluate.py,
+   its float32 matrix products alone (its floor), and efaar-benchmarking's
    known_relationship_benchmark (benchmark-only: pandas, scikit-learn, scipy, geomloss), same map,
    same run, numbers checked identical.
 5. `probe`: probe.py's block search (one model pass for all blocks, torch L-BFGS per block) vs the
