@@ -74,6 +74,17 @@ def test_recall_is_identical_to_efaar_benchmarking(reference, annotations, n, d,
             assert abs(ours[source][key] - row[key]) <= 1e-9, (source, key)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_recall_refuses_features_that_are_not_finite(annotations, bad):
+    """A NaN cosine lies below no window and in none, so the order statistics would be counted over
+    fewer pairs than the map has: refused, not scored (it returned numbers before)."""
+    genes = annotated_genes(annotations)[:300]
+    features = np.random.default_rng(6).normal(size=(300, 8))
+    features[7, 3] = bad
+    with pytest.raises(ValueError, match="features with NaN or inf"):
+        evaluate.known_relationship_recall(features, genes, annotations_dir=annotations)
+
+
 @pytest.mark.parametrize("body", ["A,B,C\n", "A,\n", "A B\n", "A,B\nC\n"])
 def test_a_malformed_annotation_table_is_one_line_naming_it(tmp_path, body):
     (tmp_path / "CORUM.txt").write_text("entity1,entity2\nX,Y\n" + body)
