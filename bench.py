@@ -26,7 +26,8 @@ Speed, printed as figures.
    its float32 matrix products alone (its floor), and efaar-benchmarking's
    known_relationship_benchmark (benchmark-only: pandas, scikit-learn, scipy, geomloss), same map,
    same run, numbers checked identical.
-5. `probe`: probe.py's block search (one model pass for all blocks, torch L-BFGS per block) vs the
+5. `probe`: probe.py's block search (one model pass for all blocks, the blocks' probes fitted as one
+   stack) vs the
    naive one (re-embed the crops up to each block, scikit-learn's LogisticRegression per block and
    penalty), same model (the demo architecture, standard tokens, at --depth), same synthetic screen,
    same run.

@@ -5,9 +5,10 @@ The block search (the paper's step 3): which transformer block represents biolog
 
 ONE pass of the model embeds every crop at every block (MAE.embed(x, blocks=all)); crops are averaged
 into wells and cached in DIR (float16, memory-mapped: a rerun or another task skips the model). Then,
-block by block, a multinomial logistic regression predicts the task from the well embeddings, trained
-on some plates/experiments and scored on the others. The block with the best balanced accuracy wins;
---trim writes the encoder cut there (decoder dropped), which evaluate.py and MAE.embed load as is.
+for each block, a multinomial logistic regression predicts the task from the well embeddings, trained
+on some plates/experiments and scored on the others (the blocks' probes fitted together, as one stack).
+The block with the best balanced accuracy wins; --trim writes the encoder cut there (decoder dropped),
+which evaluate.py and MAE.embed load as is.
 
 Tasks: `perturbation` (which gene/siRNA/compound is in the well: the RxRx1 task) and `group` (which
 functional group the perturbed gene belongs to, from --groups CSV gene,group: the "Anax" task).
@@ -104,71 +105,132 @@ def split_wells(wells, split_col, stratify=None, fraction=0.25):
 
 # ---- the classifier -----------------------------------------------------------------------------------
 
-def fit_logistic(x, y, n_classes, l2, init=None, max_iter=200):
-    """Multinomial logistic regression: minimize mean cross-entropy + l2/2 ||W||^2 (bias not penalized;
-    scikit-learn's LogisticRegression with C = 1 / (l2 * n)) by full-batch L-BFGS. Returns (W, b)."""
-    w = torch.zeros(x.shape[1], n_classes, device=x.device) if init is None else init[0].clone()
-    b = torch.zeros(n_classes, device=x.device) if init is None else init[1].clone()
-    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
-                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
-    rows = torch.arange(len(y), device=x.device)
+def fit_logistic(x, y, n_classes, l2, init=None, max_iter=200, tolerance=1e-4, history=10):
+    """Multinomial logistic regression on each of a stack of feature sets x [B, n, d] with labels y [n]:
+    minimize, for each, mean cross-entropy + l2/2 ||W||^2 (bias not penalized; scikit-learn's
+    LogisticRegression with C = 1 / (l2 * n)) until every gradient entry is within `tolerance`
+    (scikit-learn's default and stopping rule, its gtol). L-BFGS with a backtracking line search, run for
+    each block on its own (its own curvature pairs, steps and stop) and vectorized over the blocks: one
+    small problem costs mostly Python per iteration, B of them the same Python and one batched product,
+    and each block ends where it would alone, whatever else is in the stack. Returns (W [B, d, C], b [B, C])."""
+    blocks, n, d = x.shape
+    split = d * n_classes
+    theta = torch.zeros(blocks, split + n_classes, device=x.device) if init is None else \
+        torch.cat([init[0].reshape(blocks, split), init[1]], 1)
+    one_hot = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)
 
-    def closure():  # the gradient written out (softmax minus one-hot): no autograd graph per evaluation
-        log_p = torch.log_softmax(x @ w + b, 1)
-        loss = -log_p[rows, y].mean() + 0.5 * l2 * w.pow(2).sum()
-        residual = log_p.exp_()
-        residual[rows, y] -= 1
-        residual /= len(y)
-        w.grad, b.grad = torch.addmm(w, x.T, residual, beta=l2), residual.sum(0)
-        return loss
+    def loss_and_gradient(theta):  # per block; the gradient written out (softmax minus one-hot)
+        w, b = theta[:, :split].view(blocks, d, n_classes), theta[:, split:].view(blocks, 1, n_classes)
+        log_p = torch.log_softmax(torch.baddbmm(b, x, w), 2)
+        loss = -(log_p * one_hot).sum((1, 2), dtype=torch.float64) / n + 0.5 * l2 * w.pow(2).sum((1, 2), dtype=torch.float64)
+        residual = log_p.exp_().sub_(one_hot).div_(n)
+        grad_w = torch.baddbmm(w, x.transpose(1, 2), residual, beta=l2)
+        return loss, torch.cat([grad_w.reshape(blocks, split), residual.sum(1)], 1)
 
-    optimizer.step(closure)
-    return w, b
+    loss, grad = loss_and_gradient(theta)
+    pairs = []  # the last `history` (step, gradient change, 1 / their dot), each block's own row; 0: pair unused
+    scale = 1 / grad.abs().sum(1, keepdim=True).clamp(min=1)  # the first step's length, as torch's L-BFGS
+    stalled = torch.zeros(blocks, dtype=torch.bool, device=x.device)
+    for _ in range(max_iter):
+        active = (grad.abs().amax(1) > tolerance) & ~stalled
+        if not active.any():
+            break
+        direction, alphas = -grad, []  # two-loop recursion: -H grad, H from the block's own pairs
+        for s, change, rho in reversed(pairs):
+            alphas.append(rho * (s * direction).sum(1, keepdim=True))
+            direction -= alphas[-1] * change
+        direction *= scale
+        for (s, change, rho), alpha in zip(pairs, reversed(alphas)):
+            direction += s * (alpha - rho * (change * direction).sum(1, keepdim=True))
+        slope = (grad * direction).sum(1)
+        direction = torch.where((slope < 0)[:, None], direction, -grad * scale)  # not downhill: plain gradient
+        direction *= active[:, None]
+        slope = (grad * direction).sum(1)
+        step = torch.ones(blocks, device=x.device)
+        for _ in range(10):  # halve each block's step until its loss falls enough (Armijo)
+            new_loss, new_grad = loss_and_gradient(theta + step[:, None] * direction)
+            enough = new_loss <= loss + 1e-4 * step * slope
+            if enough.all():
+                break
+            step = torch.where(enough, step, step / 2)
+        stalled |= active & ~enough  # float32 can go no further downhill: it stops there
+        s = torch.where(enough[:, None], step[:, None] * direction, 0)
+        change = torch.where(enough[:, None], new_grad - grad, 0)
+        theta, loss, grad = theta + s, torch.where(enough, new_loss, loss), torch.where(enough[:, None], new_grad, grad)
+        curvature = (s * change).sum(1, keepdim=True)
+        useful = curvature > 1e-10
+        pairs = (pairs + [(s, change, torch.where(useful, 1 / curvature, 0))])[-history:]
+        scale = torch.where(useful, curvature / (change * change).sum(1, keepdim=True).clamp(min=1e-30), scale)
+    return theta[:, :split].view(blocks, d, n_classes), theta[:, split:]
 
 
 def balanced_accuracy(truth, predicted):
-    """Mean over the classes present in `truth` of the fraction of their wells predicted right."""
-    classes = truth.unique()
-    return float(torch.stack([(predicted[truth == c] == c).float().mean() for c in classes]).mean())
+    """Mean over the classes present in `truth` [wells] of the fraction of their wells predicted right, for
+    each row of `predicted` [B, wells]."""
+    classes, truth = truth.unique(return_inverse=True)
+    right = torch.zeros(len(predicted), len(classes), device=truth.device)
+    right.index_add_(1, truth, (predicted == classes[truth]).float())
+    return right.div_(torch.bincount(truth)).mean(1)
 
 
 def probe(x, labels, train, validation, test, grid=(1e-1, 1e-2, 1e-3, 1e-4), device="cpu"):
-    """Fit on the train wells at each L2 penalty of `grid` (strongest first, each fit starting from the
-    last); keep the penalty whose balanced accuracy on the validation wells is best, and report that
-    fit's accuracy on the test wells (wells of classes seen in training are scored)."""
+    """For each block of x [blocks, wells, D]: fit on the train wells at each L2 penalty of `grid`
+    (strongest first, each fit starting from the last); keep the penalty whose balanced accuracy on the
+    validation wells is best, and report that fit's accuracy on the test wells (wells of classes seen in
+    training are scored). One dict per block."""
     names, y = np.unique(labels[train], return_inverse=True)
     index = {n: i for i, n in enumerate(names)}
     x = torch.as_tensor(np.array(x, np.float32), device=device)  # a copy: x may be a read-only memmap of the cache
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-6  # standardized on the training wells
+    mean, std = x[:, train].mean(1, keepdim=True), x[:, train].std(1, keepdim=True) + 1e-6  # on the training wells
     x = (x - mean) / std
     y_train = torch.as_tensor(y, device=device)
     scored = lambda split: split & np.isin(labels, names)
     truth = lambda split: torch.as_tensor([index[label] for label in labels[scored(split)]], device=device, dtype=torch.long)
-    predict = lambda params, split: (x[scored(split)] @ params[0] + params[1]).argmax(1)
-    best, params, y_validation = None, None, truth(validation)
+    predict = lambda params, split: torch.baddbmm(params[1][:, None], x[:, scored(split)], params[0]).argmax(2)
+    x_train, y_validation, params, best = x[:, train].contiguous(), truth(validation), None, None
     for l2 in grid:
-        params = fit_logistic(x[train], y_train, len(names), l2, params)
+        params = fit_logistic(x_train, y_train, len(names), l2, params)
         chosen_by = balanced_accuracy(y_validation, predict(params, validation))
-        if best is None or chosen_by > best[0]:
-            best = (chosen_by, l2, params)
-    y_test, predicted = truth(test), predict(best[2], test)
-    majority = torch.bincount(y_test, minlength=len(names)).max() / len(y_test)
-    return dict(balanced_accuracy=balanced_accuracy(y_test, predicted), accuracy=float((predicted == y_test).float().mean()),
-                validation_balanced_accuracy=best[0], l2=best[1], chance_balanced=1 / len(y_test.unique()),
-                chance_accuracy=float(majority), classes=len(names), train_wells=int(train.sum()),
-                validation_wells=int(scored(validation).sum()), test_wells=int(scored(test).sum()),
-                test_unseen=int((test & (labels != "") & ~scored(test)).sum()))
+        if best is None:
+            best, best_l2, best_params = chosen_by, torch.full_like(chosen_by, l2, dtype=torch.float64), params
+        better = chosen_by > best  # ties keep the stronger penalty, as a loop over the grid would
+        best, best_l2 = torch.where(better, chosen_by, best), torch.where(better, l2, best_l2)
+        best_params = tuple(torch.where(better.view(-1, *[1] * (p.dim() - 1)), p, q) for p, q in zip(params, best_params))
+    y_test, predicted = truth(test), predict(best_params, test)
+    test_balanced = balanced_accuracy(y_test, predicted)
+    majority = float(torch.bincount(y_test, minlength=len(names)).max() / len(y_test))
+    return [dict(balanced_accuracy=float(test_balanced[k]), accuracy=float((predicted[k] == y_test).float().mean()),
+                 validation_balanced_accuracy=float(best[k]), l2=float(best_l2[k]), chance_balanced=1 / len(y_test.unique()),
+                 chance_accuracy=majority, classes=len(names), train_wells=int(train.sum()),
+                 validation_wells=int(scored(validation).sum()), test_wells=int(scored(test).sum()),
+                 test_unseen=int((test & (labels != "") & ~scored(test)).sum()))
+            for k in range(len(x))]
+
+
+PROBE_MEMORY = 2**30  # bytes of features, logits and L-BFGS history that a stack of blocks fitted at once may take
 
 
 def sweep(features, labels, train, validation, test, blocks, grid, batches=None, is_control=None, device="cpu"):
-    """probe() for each of `blocks` (1-based rows of features [blocks, wells, D]), back to back on one
-    device, one block's features read from the memory map at a time; centered and scaled per batch on
-    its control wells first when batches are given (evaluate.align's centerscale)."""
+    """probe() for each of `blocks` (1-based rows of features [blocks, wells, D]), read from the memory map
+    as many blocks at a time as fit PROBE_MEMORY (all of a small screen's: one L-BFGS for them all; a
+    large one's one at a time, where each product is big enough to keep the device busy); centered and
+    scaled per batch on its control wells first when batches are given (evaluate.align's centerscale)."""
     used = labels != ""
     train, validation, test = train & used, validation & used, test & used
     aligned = lambda x: x if batches is None else evaluate.align(x, batches, is_control, "centerscale")
-    return {block: probe(aligned(features[block - 1]), labels, train, validation, test, grid, device)
-            for block in tqdm(blocks, desc="probe", unit="block")}
+    wells, dims, classes = len(labels), features.shape[2], len(np.unique(labels[train]))
+    # float32: the features thrice (read, standardized, training rows), logits and residual and their
+    # product, L-BFGS's 10 pairs of [D, classes] steps and a few more
+    per_block = 4 * (3 * wells * dims + 3 * int(train.sum()) * classes + 28 * dims * classes)
+    at_once = max(1, PROBE_MEMORY // per_block)
+    results = {}
+    with tqdm(total=len(blocks), desc="probe", unit="block") as progress:
+        for start in range(0, len(blocks), at_once):
+            group = blocks[start:start + at_once]
+            x = np.stack([aligned(features[block - 1]) for block in group])
+            results.update(zip(group, probe(x, labels, train, validation, test, grid, device)))
+            progress.update(len(group))
+    return results
 
 
 # ---- output ---------------------------------------------------------------------------------------------

@@ -26,15 +26,68 @@ def gaussian_classes(rng, n, d=20, k=5, spread=1.0):
 @pytest.mark.parametrize("l2", [1e-1, 1e-3])
 def test_logistic_regression_matches_scikit_learn(l2):
     """Same objective (scikit-learn's C = 1 / (l2 n)), so the same solution: probabilities agree and so
-    does the validation accuracy."""
+    does the validation accuracy. Three problems fitted as one stack (classes apart, pure noise, classes
+    overlapping: unlike conditioning) each land where scikit-learn puts them, and exactly where each
+    lands fitted alone. (At 1e-5, which float32
+    gradients reach; scikit-learn's default 1e-4 leaves the weights within 1e-4 / l2 of the optimum.)"""
     rng = np.random.default_rng(0)
     x, y = gaussian_classes(rng, 600)
-    xt = torch.tensor(x[:400], dtype=torch.float32)
-    w, b = probe.fit_logistic(xt, torch.tensor(y[:400]), 5, l2, max_iter=500)
-    ours = torch.softmax(torch.tensor(x[400:], dtype=torch.float32) @ w + b, 1).numpy()
-    theirs = sklearn_linear.LogisticRegression(C=1 / (l2 * 400), max_iter=10_000, tol=1e-10).fit(x[:400], y[:400])
-    np.testing.assert_allclose(ours, theirs.predict_proba(x[400:]), atol=2e-3)
-    assert abs((ours.argmax(1) == y[400:]).mean() - theirs.score(x[400:], y[400:])) <= 0.01
+    overlapping = np.random.default_rng(1).normal(0, 0.3, (5, x.shape[1]))[y] + rng.normal(size=x.shape)
+    stack = np.stack([x, rng.normal(size=x.shape), overlapping])
+    w, b = probe.fit_logistic(torch.tensor(stack[:, :400], dtype=torch.float32), torch.tensor(y[:400]), 5, l2,
+                              max_iter=500, tolerance=1e-5)
+    for k in range(3):
+        alone = probe.fit_logistic(torch.tensor(stack[k:k + 1, :400], dtype=torch.float32), torch.tensor(y[:400]), 5, l2,
+                                   max_iter=500, tolerance=1e-5)
+        assert torch.equal(alone[0][0], w[k]) and torch.equal(alone[1][0], b[k])  # the stack changes no block's fit
+        ours = torch.softmax(torch.tensor(stack[k, 400:], dtype=torch.float32) @ w[k] + b[k], 1).numpy()
+        theirs = sklearn_linear.LogisticRegression(C=1 / (l2 * 400), max_iter=10_000, tol=1e-10).fit(stack[k, :400], y[:400])
+        np.testing.assert_allclose(ours, theirs.predict_proba(stack[k, 400:]), atol=2e-3, err_msg=f"problem {k}")
+        assert abs((ours.argmax(1) == y[400:]).mean() - theirs.score(stack[k, 400:], y[400:])) <= 0.01
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # on purpose
+def test_balanced_accuracy_matches_scikit_learn():
+    """Per row of predictions, over the classes present in the truth (a predicted class absent from the
+    truth counts as wrong, not as a class)."""
+    from sklearn.metrics import balanced_accuracy_score
+    rng = np.random.default_rng(2)
+    truth = rng.choice([0, 2, 3, 7], size=300, p=[0.6, 0.2, 0.15, 0.05])
+    predicted = np.where(rng.random((4, 300)) < 0.5, truth, rng.integers(0, 9, (4, 300)))
+    ours = probe.balanced_accuracy(torch.tensor(truth), torch.tensor(predicted)).numpy()
+    np.testing.assert_allclose(ours, [balanced_accuracy_score(truth, p) for p in predicted], rtol=1e-6)
+
+
+def test_probe_of_a_stack_chooses_each_blocks_penalty_as_a_loop_would():
+    """probe() fits every block of a stack at once and keeps, per block, the first penalty of the grid
+    (the strongest) with the best validation balanced accuracy, and that fit's test figures: as a loop over
+    blocks and penalties picks them from the same fits. Blocks: signal in 10 of 60 dims at three
+    strengths, and pure noise; block 2 ties two penalties."""
+    rng = np.random.default_rng(4)
+    n, grid = 600, (1e-1, 1e-2, 1e-3, 1e-4)
+    base = rng.normal(size=(n, 60))
+    y = (base[:, :10] @ rng.normal(size=(10, 4))).argmax(1)
+    labels = np.array([f"c{v}" for v in y])
+    blocks = np.stack([base + rng.normal(0, s, base.shape) for s in (0.5, 2.0, 4.0)] + [rng.normal(size=base.shape)])
+    train, validation, test = np.arange(n) < 300, (np.arange(n) >= 300) & (np.arange(n) < 450), np.arange(n) >= 450
+    results = probe.probe(blocks, labels, train, validation, test, grid)
+    x = torch.tensor(blocks, dtype=torch.float32)
+    x = (x - x[:, train].mean(1, keepdim=True)) / (x[:, train].std(1, keepdim=True) + 1e-6)
+    fits, params = [], None
+    for l2 in grid:
+        params = probe.fit_logistic(x[:, train].contiguous(), torch.tensor(y[train]), 4, l2, params)
+        fits.append((l2, params))
+    score = lambda k, params, split: (x[k, split] @ params[0][k] + params[1][k]).argmax(1)
+    ties = 0
+    for k, result in enumerate(results):
+        scores = [float(probe.balanced_accuracy(torch.tensor(y[validation]), score(k, p, validation)[None])) for _, p in fits]
+        best = scores.index(max(scores))  # the first of equals: the strongest penalty
+        ties += scores.count(max(scores)) > 1
+        predicted = score(k, fits[best][1], test)
+        assert result["l2"] == grid[best] and result["validation_balanced_accuracy"] == scores[best], (k, scores)
+        assert result["accuracy"] == float((predicted == torch.tensor(y[test])).float().mean()), k
+        assert result["balanced_accuracy"] == float(probe.balanced_accuracy(torch.tensor(y[test]), predicted[None])), k
+    assert ties and len({r["l2"] for r in results}) > 1  # blocks chose apart: a stack sharing one choice fails
 
 
 def test_probe_recovers_a_planted_linear_signal():
@@ -46,9 +99,8 @@ def test_probe_recovers_a_planted_linear_signal():
     y = (x[:, :10] @ rng.normal(size=(10, 4))).argmax(1)
     labels = np.array([f"class{v}" for v in y])
     train, validation = np.arange(2000) < 1500, (np.arange(2000) >= 1500) & (np.arange(2000) < 1750)
-    result = probe.probe(x, labels, train, validation, np.arange(2000) >= 1750)
+    result, noise = probe.probe(np.stack([x, rng.normal(size=(2000, 200))]), labels, train, validation, np.arange(2000) >= 1750)
     assert result["accuracy"] > 0.8 and result["classes"] == 4  # chance 0.25
-    noise = probe.probe(rng.normal(size=(2000, 200)), labels, train, validation, np.arange(2000) >= 1750)
     assert abs(noise["balanced_accuracy"] - noise["chance_balanced"]) < 0.06
 
 
@@ -125,19 +177,25 @@ def plated_blocks(rng, experiments=4, plates=2, genes=12, d=16):
     return np.array(blocks).transpose(1, 0, 2), wells
 
 
-def test_probe_picks_the_block_that_carries_the_signal_and_centres_plates(tmp_path):
+def test_probe_picks_the_block_that_carries_the_signal_and_centres_plates(tmp_path, monkeypatch):
     """The block a probe must pick is known here (block 2); and only with each plate centred and scaled
     on its controls (the default) does the probe see the genes past the plates' offsets."""
     features, wells = plated_blocks(np.random.default_rng(5))
     np.save(tmp_path / "blocks.npy", features.astype(np.float32))
     data.write_csv(tmp_path / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
     common = ["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv")]
-    aligned = probe.main(common + ["--out", str(tmp_path / "aligned")])
+    aligned = probe.main(common + ["--out", str(tmp_path / "aligned"), "--blocks", "3,1,2"])  # stacked, out of order
     raw = probe.main(common + ["--out", str(tmp_path / "raw"), "--align", "none"])
     assert aligned["best_block"]["perturbation"] == 2
     accuracy = lambda report, block: report["curves"]["perturbation"][str(block)]["balanced_accuracy"]
     assert accuracy(aligned, 2) > 0.8 and max(accuracy(aligned, 1), accuracy(aligned, 3)) < 0.3   # chance 1/12
     assert accuracy(raw, 2) < accuracy(aligned, 2) - 0.3
+    # blocks too big to stack are fitted one at a time: the same curve
+    monkeypatch.setattr(probe, "PROBE_MEMORY", 1)
+    alone = probe.main(common + ["--out", str(tmp_path / "alone")])
+    assert alone["best_block"]["perturbation"] == 2
+    for block in (1, 2, 3):
+        assert accuracy(alone, block) == pytest.approx(accuracy(aligned, block), abs=0.03), block
 
 
 # ---- the block search on the synthetic screen, with a really trained model -----------------------------
