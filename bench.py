@@ -335,7 +335,7 @@ def recall_figures(genes, dims, kinds=RECALL_MAPS, seed=0, repeats=3):
         floor = our_seconds = math.inf
         for _ in range(repeats):  # in turns, so that a noisy neighbour slows both alike
             floor = min(floor, matrix_product_seconds(features))
-            evaluate.read_relationships.cache_clear()  # both sides read the tables inside the timing
+            evaluate.relationship_codes.cache_clear()  # both sides read the tables inside the timing
             start = time.perf_counter()
             ours = evaluate.known_relationship_recall(features, labels, annotations_dir=annotations)
             our_seconds = min(our_seconds, time.perf_counter() - start)

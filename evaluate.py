@@ -318,9 +318,10 @@ def corum_complexes(annotations):
 # ---- Relate: known-relationship recall ----------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def read_relationships(annotations, source):
+def relationship_codes(annotations, source):
     """Pairs of a source as efaar-benchmarking reads them: each pair sorted, self-pairs and duplicates
-    dropped. Returns two arrays of gene symbols (entity1 < entity2). Parsed whole, not line by line."""
+    dropped. Returns (symbols, first, second): pair k is symbols[first[k]] < symbols[second[k]], so
+    that a map looks up each symbol once, not each pair's. Parsed whole, not line by line."""
     path = Path(annotations) / f"{source}.txt"
     if not path.exists():
         raise SystemExit(f"{path}: no such annotation table (sources: {', '.join(SOURCES)})")
@@ -334,7 +335,13 @@ def read_relationships(annotations, source):
     names = np.array(list(code))
     lo, hi = codes.min(1), codes.max(1)
     pairs = np.unique(lo[lo != hi] * len(names) + hi[lo != hi])
-    return names[pairs // len(names)], names[pairs % len(names)]
+    return names, pairs // len(names), pairs % len(names)
+
+
+def read_relationships(annotations, source):
+    """The pairs of a source (relationship_codes) as two arrays of gene symbols (entity1 < entity2)."""
+    names, first, second = relationship_codes(annotations, source)
+    return names[first], names[second]
 
 
 def positions(labels, genes):
@@ -556,7 +563,9 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     n = len(labels)
     queries = {}
     for source in sources:
-        a, b = (positions(labels, genes) for genes in read_relationships(str(annotations), source))
+        names, first, second = relationship_codes(str(annotations), source)
+        row = positions(labels, names)
+        a, b = row[first], row[second]
         ok = (a >= 0) & (b >= 0)
         queries[source] = (np.minimum(a[ok], b[ok]).astype(np.int64), np.maximum(a[ok], b[ok]).astype(np.int64))
     pairs_total = n * (n - 1) // 2
