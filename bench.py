@@ -27,9 +27,8 @@ Speed, printed as figures.
    known_relationship_benchmark (benchmark-only: pandas, scikit-learn, scipy, geomloss), same map,
    same run, numbers checked identical.
 5. `probe`: probe.py's block search (one model pass for all blocks, the blocks' probes fitted as one
-   stack) vs the
-   naive one (re-embed the crops up to each block, scikit-learn's LogisticRegression per block and
-   penalty), same model (the demo architecture, standard tokens, at --depth), same synthetic screen,
+   stack) vs the naive one (re-embed the crops up to each block, scikit-learn's LogisticRegression
+   per block and penalty), same model (the demo architecture, standard tokens, at --depth), same synthetic screen,
    same run.
 6. `map`: copairs' mean average precision (phenotypic activity of a JUMP-like plate map: compounds in
    4 replicate wells, 6% DMSO) by evaluate.py and by copairs itself (benchmark-only), each side in

@@ -28,8 +28,8 @@ def test_logistic_regression_matches_scikit_learn(l2):
     """Same objective (scikit-learn's C = 1 / (l2 n)), so the same solution: probabilities agree and so
     does the validation accuracy. Three problems fitted as one stack (classes apart, pure noise, classes
     overlapping: unlike conditioning) each land where scikit-learn puts them, and exactly where each
-    lands fitted alone. (At 1e-5, which float32
-    gradients reach; scikit-learn's default 1e-4 leaves the weights within 1e-4 / l2 of the optimum.)"""
+    lands fitted alone. (At 1e-5, which float32 gradients reach; scikit-learn's default 1e-4 leaves the
+    weights within 1e-4 / l2 of the optimum.)"""
     rng = np.random.default_rng(0)
     x, y = gaussian_classes(rng, 600)
     overlapping = np.random.default_rng(1).normal(0, 0.3, (5, x.shape[1]))[y] + rng.normal(size=x.shape)
@@ -190,12 +190,10 @@ def test_probe_picks_the_block_that_carries_the_signal_and_centres_plates(tmp_pa
     accuracy = lambda report, block: report["curves"]["perturbation"][str(block)]["balanced_accuracy"]
     assert accuracy(aligned, 2) > 0.8 and max(accuracy(aligned, 1), accuracy(aligned, 3)) < 0.3   # chance 1/12
     assert accuracy(raw, 2) < accuracy(aligned, 2) - 0.3
-    # blocks too big to stack are fitted one at a time: the same curve
+    # blocks too big to stack are fitted one at a time: the same curve, number for number
     monkeypatch.setattr(probe, "PROBE_MEMORY", 1)
     alone = probe.main(common + ["--out", str(tmp_path / "alone")])
-    assert alone["best_block"]["perturbation"] == 2
-    for block in (1, 2, 3):
-        assert accuracy(alone, block) == pytest.approx(accuracy(aligned, block), abs=0.03), block
+    assert alone["curves"] == aligned["curves"]
 
 
 # ---- the block search on the synthetic screen, with a really trained model -----------------------------
