@@ -218,6 +218,14 @@ def sweep(features, labels, train, validation, test, blocks, grid, batches=None,
     used = labels != ""
     train, validation, test = train & used, validation & used, test & used
     aligned = lambda x: x if batches is None else evaluate.align(x, batches, is_control, "centerscale")
+
+    def finite(block):  # a NaN would make its block's probe score chance, and another block win, silently
+        x = features[block - 1]
+        bad = np.flatnonzero(~np.isfinite(x).all(1))
+        if len(bad):
+            raise SystemExit(f"block {block}: {len(bad)} well(s) with NaN or inf features, the first row {bad[0]} of the wells")
+        return x
+
     wells, dims, classes = len(labels), features.shape[2], len(np.unique(labels[train]))
     # float32: the features thrice (read, standardized, training rows), logits and residual and their
     # product, L-BFGS's 10 pairs of [D, classes] steps and a few more
@@ -227,7 +235,7 @@ def sweep(features, labels, train, validation, test, blocks, grid, batches=None,
     with tqdm(total=len(blocks), desc="probe", unit="block") as progress:
         for start in range(0, len(blocks), at_once):
             group = blocks[start:start + at_once]
-            x = np.stack([aligned(features[block - 1]) for block in group])
+            x = np.stack([aligned(finite(block)) for block in group])
             results.update(zip(group, probe(x, labels, train, validation, test, grid, device)))
             progress.update(len(group))
     return results

@@ -196,6 +196,18 @@ def test_probe_picks_the_block_that_carries_the_signal_and_centres_plates(tmp_pa
     assert alone["curves"] == aligned["curves"]
 
 
+def test_a_block_with_nan_features_is_one_line_not_a_chance_score(tmp_path):
+    """A NaN in one well of the block that carries the signal made that block score chance and another
+    block win, exit 0: now one line naming the block and the row."""
+    features, wells = plated_blocks(np.random.default_rng(5))
+    features[1, 5, 3] = np.nan
+    np.save(tmp_path / "blocks.npy", features.astype(np.float32))
+    data.write_csv(tmp_path / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
+    with pytest.raises(SystemExit, match=r"^block 2: 1 well\(s\) with NaN or inf features, the first row 5 of the wells$"):
+        probe.main(["--embeddings", str(tmp_path / "blocks.npy"), "--metadata", str(tmp_path / "wells.csv"),
+                    "--out", str(tmp_path / "out")])
+
+
 # ---- the block search on the synthetic screen, with a really trained model -----------------------------
 
 @pytest.fixture(scope="module")
