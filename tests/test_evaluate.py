@@ -74,6 +74,27 @@ def test_recall_is_identical_to_efaar_benchmarking(reference, annotations, n, d,
             assert abs(ours[source][key] - row[key]) <= 1e-9, (source, key)
 
 
+def test_bench_recall_says_identical_only_when_efaar_benchmarking_agrees(reference, annotations, capsys, monkeypatch):
+    """bench.py recall's last column is efaar-benchmarking's verdict on the same map: every kind of map
+    at a small size says identical, and a recall one pair off in one source says DIFFERENT."""
+    bench.recall_figures(600, 16, bench.RECALL_MAPS, repeats=1)
+    rows = capsys.readouterr().out.splitlines()[-len(bench.RECALL_MAPS):]
+    assert [row.split()[0] for row in rows] == list(bench.RECALL_MAPS)
+    assert all(row.endswith("identical") for row in rows), rows
+    bench.recall_figures(600, 16, ("duplicates",), repeats=1, reference="cpu")  # the GPU bench's form, run here
+    assert capsys.readouterr().out.splitlines()[-1].endswith("identical")
+    real = evaluate.known_relationship_recall
+
+    def one_pair_off(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["CORUM"]["recall_0.1_0.9"] += 1 / result["CORUM"]["n_pairs"]
+        return result
+
+    monkeypatch.setattr(evaluate, "known_relationship_recall", one_pair_off)
+    bench.recall_figures(600, 16, ("random",), repeats=1)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("DIFFERENT")
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_recall_refuses_features_that_are_not_finite(annotations, bad):
     """A NaN cosine lies below no window and in none, so the order statistics would be counted over
