@@ -5,6 +5,7 @@ Speed, printed as figures.
     python bench.py gpu                               # the GPU bench, one command: vits16-ca, vitl8, vitg8 on one GPU
     python bench.py lion                              # Lion's step on vitg8's shards: a loop vs foreach
     python bench.py recall --genes 20000 --dims 1664  # evaluate.py's recall vs efaar-benchmarking's
+    python bench.py recall --maps random --reference cpu   # on a GPU: recall there, checked against the CPU
     python bench.py probe                             # probe.py's block sweep vs a naive one
     python bench.py probe --depth 48 --crop_size 128  # the same at vitg8's depth (4x fewer crops)
     python bench.py map                               # evaluate.py's copairs mAP vs copairs, 10k and 50k profiles
@@ -503,6 +504,8 @@ if __name__ == "__main__":
     parser.add_argument("--genes", type=int, default=20000, help="recall: perturbations in the map")
     parser.add_argument("--dims", type=int, default=1664, help="recall: embedding dimensions")
     parser.add_argument("--maps", default=",".join(RECALL_MAPS), help="recall: comma-separated kinds of map")
+    parser.add_argument("--reference", default="efaar", choices=["efaar", "cpu"],
+                        help="recall: check the numbers against efaar-benchmarking (a minute a map) or our own CPU run (for a GPU)")
     parser.add_argument("--presets", default="vits16", help="train: comma-separated model.PRESETS keys (-ca: channel-agnostic)")
     parser.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp", "hsdp"], help="train: train.py's parallel")
     parser.add_argument("--batch_size", type=int, default=8, help="train: crops per step")
@@ -514,7 +517,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.suite != "train":
         {"gpu": gpu_figures, "lion": lambda: lion_figures("vitg8", args.world_size),
-         "recall": lambda: recall_figures(args.genes, args.dims, args.maps.split(",")), "probe": lambda: probe_figures(args.depth, args.crop_size),
+         "recall": lambda: recall_figures(args.genes, args.dims, args.maps.split(","), reference=args.reference), "probe": lambda: probe_figures(args.depth, args.crop_size),
          "map": lambda: map_figures([int(n) for n in args.profiles.split(",")], args.dims if args.dims != 1664 else 384,
                                     args.null_size),
          "embed": lambda: embed_figures(args.presets.split(","), args.batch_size, args.crops)}[args.suite]()
