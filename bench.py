@@ -329,6 +329,9 @@ def recall_figures(genes, dims, kinds=RECALL_MAPS, seed=0, repeats=5, reference=
     size (recall_map): seconds, ratio, identical numbers?, and our time over our own matrix products.
     reference="cpu" (the GPU bench) compares with our own CPU result instead, which the tests and this
     bench hold equal to efaar-benchmarking's, and leaves efaar-benchmarking's minute per map out."""
+    unknown = [kind for kind in kinds if kind not in RECALL_MAPS]
+    if unknown:  # recall_map would make them plain random maps, printed under the wrong name
+        raise SystemExit(f"bench.py recall: no map kind {', '.join(unknown)} (kinds: {', '.join(RECALL_MAPS)})")
     efaar = efaar_reference() if reference == "efaar" else None
     annotations = evaluate.annotation_tables()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -95,6 +95,12 @@ def test_bench_recall_says_identical_only_when_efaar_benchmarking_agrees(referen
     assert capsys.readouterr().out.splitlines()[-1].endswith("DIFFERENT")
 
 
+def test_bench_recall_refuses_a_map_kind_it_does_not_make():
+    """A misspelt kind was benchmarked as a plain random map under its misspelt name."""
+    with pytest.raises(SystemExit, match=r"^bench.py recall: no map kind randm \(kinds: random, complexes, "):
+        bench.recall_figures(300, 8, ("random", "randm"), repeats=1)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_recall_refuses_features_that_are_not_finite(annotations, bad):
     """A NaN cosine lies below no window and in none, so the order statistics would be counted over
