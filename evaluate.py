@@ -412,21 +412,38 @@ def upper_triangle_tiles(x32, chunks, rows=256, cols=2048):
 
 def sampled_cosines(x32, sample_rows, seed):
     """The float32 cosines between a random sample of rows and all rows, each row's with itself left
-    out (numpy): a rough map of where each order statistic lies."""
+    out (numpy, one row per sampled row): a rough map of where each order statistic lies."""
     n = len(x32)
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, sample_rows), replace=False))
     s = (x32[torch.from_numpy(sample).to(x32.device)] @ x32.T).cpu().numpy().reshape(-1)
-    return np.delete(s, np.arange(len(sample)) * n + sample)
+    return np.delete(s, np.arange(len(sample)) * n + sample).reshape(len(sample), n - 1)
 
 
-def rank_windows(ranks, pairs_total, sample, window, e):
-    """Per rank r: [lo, hi], the sample's quantiles at r / pairs_total -+ window, widened by 2e (open at
-    the ends), as float32 numbers: the pass compares float32 cosines with them exactly. One partial
-    sort of the sample for all of them."""
-    position = lambda q: min(len(sample), max(1, round(q * len(sample)))) - 1  # of the q-quantile, sorted
-    quantiles = {r: (r / pairs_total - window, r / pairs_total + window) for r in ranks}
+def rank_windows(ranks, pairs_total, sample, spread, e):
+    """Per rank r: [lo, hi], the sample's quantiles at q = r / pairs_total -+ `spread` standard errors
+    of the fraction of the sample below its q-quantile, widened by 2e (open at the ends), as float32
+    numbers: the pass compares float32 cosines with them exactly. The sampled rows are a random sample
+    of the map's rows, so that fraction is a mean over rows: its standard error is the rows' spread
+    over sqrt(rows) (large on a map of clusters, small on a map without structure), and no less than
+    an unclustered sample's sqrt(q (1 - q) / values). Sized so, a window holds ~0.2% of the pairs on
+    a map without structure where a fixed 1% was needed for clustered ones."""
+    if not ranks:
+        return {}
+    rows, values = len(sample), sample.size
+    flat = sample.reshape(-1)
+    position = lambda q: min(values, max(1, round(q * values))) - 1  # of the q-quantile, sorted
+    middle = {r: r / pairs_total for r in ranks}
+    thinned = flat[::16]  # the spread of the rows near a quantile needs the quantile only roughly
+    rough = lambda q: min(len(thinned), max(1, round(q * len(thinned)))) - 1
+    ordered = np.partition(thinned, sorted({rough(q) for q in middle.values()}))
+    half = {}
+    for r, q in middle.items():
+        row_fractions = np.count_nonzero(sample < ordered[rough(q)], axis=1) / sample.shape[1]
+        row_error = row_fractions.std(ddof=1) / math.sqrt(rows) if rows > 1 else 1.0
+        half[r] = spread * max(row_error, math.sqrt(q * (1 - q) / values))
+    quantiles = {r: (q - half[r], q + half[r]) for r, q in middle.items()}
     inner = sorted({position(q) for pair in quantiles.values() for q in pair if 0 < q < 1})
-    ordered = np.partition(sample, inner) if inner else sample
+    ordered = np.partition(flat, inner) if inner else flat
     windows = {}
     for r, (q_lo, q_hi) in quantiles.items():
         lo = float(ordered[position(q_lo)]) - 2 * e if q_lo > 0 else -math.inf
@@ -487,7 +504,7 @@ def candidates_of_ranks(windows, below, kept, e):
     return found
 
 
-def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, sample_rows=128, window=0.005, seed=0):
+def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, sample_rows=128, spread=8.0, seed=0):
     """Exact float64 order statistics of the cosines of all N = n(n-1)/2 pairs of rows of x64 (unit
     rows), and the float32 cosines of the query pairs (numpy pair_i < pair_j), from ONE float32 pass
     over the upper triangle, never holding it.
@@ -495,10 +512,10 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
     Invariant: every pair's float32 cosine is within e of its float64 one (e = float32_error_bound), so
     the rank-r float64 value is held by a pair within 2e of the rank-r float32 value t32.
     Algorithm: 1. cosines of a sample of rows place each rank r roughly: a window of float32 values
-    around the sample's r/N quantile (rank_windows); 2. one pass counts the pairs below each window and
-    keeps those inside (triangle_pass); 3. t32 is read off the kept values, and the pairs within 2e of
-    it are recomputed in float64 (candidates_of_ranks, pair_dots): the rank-r value is among them, at
-    rank r minus the pairs certainly below. Should a window miss (the sample misled), steps 2-3 are
+    around the sample's r/N quantile, as wide as the sample is uncertain there (rank_windows); 2. one
+    pass counts the pairs below each window and keeps those inside (triangle_pass); 3. t32 is read off
+    the kept values, and the pairs within 2e of it are recomputed in float64 (candidates_of_ranks,
+    pair_dots): the rank-r value is among them, at rank r minus the pairs certainly below. Should a window miss (the sample misled), steps 2-3 are
     repeated with windows 4x wider. Returns {rank: t64}, the float32 query cosines (in the callers'
     order) and e."""
     n, d = x64.shape
@@ -508,10 +525,10 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
     order = np.argsort(pair_i, kind="stable")
     found = None
     while found is None:
-        windows = rank_windows(ranks, n * (n - 1) // 2, sample, window, e)
+        windows = rank_windows(ranks, n * (n - 1) // 2, sample, spread, e)
         below, kept, query32 = triangle_pass(x32, windows, pair_i[order], pair_j[order], chunks)
         found = candidates_of_ranks(windows, below, kept, e)
-        window *= 4
+        spread *= 4
     need = np.unique(np.concatenate([f for _, f in found.values()] + [np.zeros(0, np.int64)]))
     at = torch.from_numpy(need).to(x64.device)
     dots = pair_dots(x64, at // n, at % n).cpu().numpy()  # each candidate once, in the order of need

@@ -136,7 +136,7 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
     full = np.sort((x @ x.T).numpy()[np.triu_indices(300, 1)])
     ranks = [0, 17, 2242, 22425, 44850 - 1]
     stats, _, _ = evaluate.cosine_order_statistics(x, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                                   sample_rows=3, window=1e-6)
+                                                   sample_rows=3, spread=1e-6)
     for r in ranks:
         assert abs(stats[r] - full[r]) < 1e-15
 
@@ -866,3 +866,31 @@ def test_pictures_per_block_curves_and_the_map(tmp_path, annotations):
     for picture in ("block_01/map.png", "blocks.png"):
         assert f"{tmp_path / 'bare' / picture} skipped: drawing it needs matplotlib (pip install matplotlib)" in run.stdout
         assert not (tmp_path / "bare" / picture).exists()
+
+
+def test_windows_are_as_wide_as_the_sample_is_uncertain(monkeypatch):
+    """rank_windows sizes each window by the spread of the sampled rows: on a map of clusters (each
+    row's cosines lie elsewhere) the first pass still holds every rank, where windows as narrow as an
+    unclustered sample's error missed and paid a second pass; on a map without structure a window
+    holds a small share of the pairs (a fixed window kept 1% of them per rank)."""
+    passes = []
+    def counted(*args):
+        passes.append(evaluate.triangle_pass_uncounted(*args))
+        return passes[-1]
+    monkeypatch.setattr(evaluate, "triangle_pass_uncounted", evaluate.triangle_pass, raising=False)
+    monkeypatch.setattr(evaluate, "triangle_pass", counted)
+    rng = np.random.default_rng(7)
+    n = 3000
+    pairs = n * (n - 1) // 2
+    ranks = [evaluate.left_count(0.05, pairs), evaluate.left_count(0.1, pairs),
+             evaluate.right_count(0.9, pairs) - 1, evaluate.right_count(0.95, pairs) - 1]
+    none = np.zeros(0, np.int64)
+    clusters = rng.normal(size=(8, 32))[rng.integers(0, 8, n)] * rng.uniform(0, 3, (n, 1)) + rng.normal(size=(n, 32))
+    for seed in range(3):
+        passes.clear()
+        evaluate.cosine_order_statistics(evaluate.unit_rows(clusters), ranks, none, none, seed=seed)
+        assert len(passes) == 1, f"seed {seed}: {len(passes)} passes"
+    passes.clear()
+    evaluate.cosine_order_statistics(evaluate.unit_rows(rng.normal(size=(n, 256))), ranks, none, none, sample_rows=512)
+    kept = passes[0][1]
+    assert len(passes) == 1 and max(len(kept[r][0]) for r in ranks) < 0.005 * pairs
