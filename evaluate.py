@@ -334,7 +334,7 @@ def relationship_codes(annotations, source):
     codes = np.fromiter(map(code.__getitem__, cells), np.int64, len(cells)).reshape(-1, 2)
     names = np.array(list(code))
     lo, hi = codes.min(1), codes.max(1)
-    pairs = np.unique(lo[lo != hi] * len(names) + hi[lo != hi])
+    pairs = distinct(lo[lo != hi] * len(names) + hi[lo != hi])
     return names, pairs // len(names), pairs % len(names)
 
 
@@ -342,6 +342,15 @@ def read_relationships(annotations, source):
     """The pairs of a source (relationship_codes) as two arrays of gene symbols (entity1 < entity2)."""
     names, first, second = relationship_codes(annotations, source)
     return names[first], names[second]
+
+
+def distinct(values):
+    """np.unique(values) of a 1-d integer array, by one sort: numpy 2.4's np.unique hashes first and
+    took 9-30x as long here (11 vs 1.2 ms on a table's 117k pairs, 23 vs 0.8 ms on 100k candidates)."""
+    values = np.sort(values)
+    first = np.ones(len(values), bool)
+    first[1:] = values[1:] != values[:-1]
+    return values[first]
 
 
 def positions(labels, genes):
@@ -529,7 +538,7 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
         below, kept, query32 = triangle_pass(x32, windows, pair_i[order], pair_j[order], chunks)
         found = candidates_of_ranks(windows, below, kept, e)
         spread *= 4
-    need = np.unique(np.concatenate([f for _, f in found.values()] + [np.zeros(0, np.int64)]))
+    need = distinct(np.concatenate([f for _, f in found.values()] + [np.zeros(0, np.int64)]))
     at = torch.from_numpy(need).to(x64.device)
     dots = pair_dots(x64, at // n, at % n).cpu().numpy()  # each candidate once, in the order of need
     stats = {r: float(np.sort(dots[np.searchsorted(need, candidates)])[r - count_below])
@@ -621,7 +630,7 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
         start += len(a)
         results[source] = {f"recall_{min(t)}_{max(t)}": float(hits[t][used].sum() / len(a)) if len(a) else math.nan
                            for t in cuts}
-        results[source].update(n_pairs=int(len(a)), n_entities=int(len(np.union1d(a, b))))
+        results[source].update(n_pairs=int(len(a)), n_entities=int(len(distinct(np.concatenate([a, b])))))
     return results
 
 
