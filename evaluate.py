@@ -326,14 +326,14 @@ def relationship_codes(annotations, source):
     if not path.exists():
         raise SystemExit(f"{path}: no such annotation table (sources: {', '.join(SOURCES)})")
     header, _, body = path.read_text().partition("\n")
-    lines = len(body.splitlines())
+    lines = body.count("\n") + (not body.endswith("\n") and len(body) > 0)
     cells = body.replace(",", "\n").split()
     if header.strip() != "entity1,entity2" or body.count(",") != lines or len(cells) != 2 * lines:
         raise SystemExit(f"{path}: expected two columns entity1,entity2")
     code = {name: i for i, name in enumerate(sorted(set(cells)))}  # sorted by code point, as Python compares
     codes = np.fromiter(map(code.__getitem__, cells), np.int64, len(cells)).reshape(-1, 2)
     names = np.array(list(code))
-    lo, hi = codes.min(1), codes.max(1)
+    lo, hi = np.minimum(codes[:, 0], codes[:, 1]), np.maximum(codes[:, 0], codes[:, 1])
     pairs = distinct(lo[lo != hi] * len(names) + hi[lo != hi])
     return names, pairs // len(names), pairs % len(names)
 
