@@ -119,6 +119,12 @@ def test_a_malformed_annotation_table_is_one_line_naming_it(tmp_path, body):
         evaluate.read_relationships(str(tmp_path), "CORUM")
 
 
+@pytest.mark.parametrize("body", ["X,Y\nZ,X", "X,Y\r\nZ,X\r\n", "X,Y\nZ,X\nY,X\n"])
+def test_a_table_without_a_last_newline_or_with_crlf_is_read_whole(tmp_path, body):
+    (tmp_path / "CORUM.txt").write_text("entity1,entity2\n" + body, newline="")
+    assert sorted(zip(*evaluate.read_relationships(str(tmp_path), "CORUM"))) == [("X", "Y"), ("X", "Z")]
+
+
 def test_tables_are_read_as_efaar_reads_them(annotations):
     """Pairs sorted, self-pairs and duplicates dropped: what efaar-benchmarking's pandas code keeps."""
     import pandas as pd
