@@ -430,12 +430,14 @@ def sampled_cosines(x32, sample_rows, seed):
 
 def rank_windows(ranks, pairs_total, sample, spread, e):
     """Per rank r: [lo, hi], the sample's quantiles at q = r / pairs_total -+ `spread` standard errors
-    of the fraction of the sample below its q-quantile, widened by 2e (open at the ends), as float32
-    numbers: the pass compares float32 cosines with them exactly. The sampled rows are a random sample
-    of the map's rows, so that fraction is a mean over rows: its standard error is the rows' spread
-    over sqrt(rows) (large on a map of clusters, small on a map without structure), and no less than
-    an unclustered sample's sqrt(q (1 - q) / values). Sized so, a window holds ~0.2% of the pairs on
-    a map without structure where a fixed 1% was needed for clustered ones."""
+    of the fraction of the sample below its q-quantile, widened by 4e (open at the ends), as float32
+    numbers: the pass compares float32 cosines with them exactly. The sampled rows are
+    a random sample of the map's rows, so that fraction is a mean over rows: its standard error is the
+    rows' spread over sqrt(rows) (large on a map of clusters, small on a map without structure), and no
+    less than an unclustered sample's sqrt(q (1 - q) / values) or one value (it grows on a repeat even
+    where every row is alike). Sized so, a window holds ~0.2% of the pairs on a map without structure
+    where a fixed 1% was needed for clustered ones. 4e: a pair's cosine in the sample (one product) and
+    in the pass (16 slices) differ by up to 2e, and a window must hold 2e either side of the pass's."""
     if not ranks:
         return {}
     rows, values = len(sample), sample.size
@@ -449,15 +451,15 @@ def rank_windows(ranks, pairs_total, sample, spread, e):
     for r, q in middle.items():
         row_fractions = np.count_nonzero(sample < ordered[rough(q)], axis=1) / sample.shape[1]
         row_error = row_fractions.std(ddof=1) / math.sqrt(rows) if rows > 1 else 1.0
-        half[r] = spread * max(row_error, math.sqrt(q * (1 - q) / values))
+        half[r] = spread * max(row_error, math.sqrt(q * (1 - q) / values), 1 / values)
     quantiles = {r: (q - half[r], q + half[r]) for r, q in middle.items()}
     inner = sorted({position(q) for pair in quantiles.values() for q in pair if 0 < q < 1})
     ordered = np.partition(flat, inner) if inner else flat
     windows = {}
     for r, (q_lo, q_hi) in quantiles.items():
-        lo = float(ordered[position(q_lo)]) - 2 * e if q_lo > 0 else -math.inf
-        hi = float(ordered[position(q_hi)]) + 2 * e if q_hi < 1 else math.inf
-        windows[r] = (float(np.float32(lo)), float(np.float32(hi)))
+        lo = float(ordered[position(q_lo)]) - 4 * e if q_lo > 0 else -math.inf
+        hi = float(ordered[position(q_hi)]) + 4 * e if q_hi < 1 else math.inf
+        windows[r] = (float(np.float32(lo)), float(np.float32(hi)))  # moved < e's 1% to spare
     return windows
 
 

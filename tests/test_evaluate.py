@@ -900,3 +900,37 @@ def test_windows_are_as_wide_as_the_sample_is_uncertain(monkeypatch):
     evaluate.cosine_order_statistics(evaluate.unit_rows(rng.normal(size=(n, 256))), ranks, none, none, sample_rows=512)
     kept = passes[0][1]
     assert len(passes) == 1 and max(len(kept[r][0]) for r in ranks) < 0.005 * pairs
+
+
+def test_a_map_of_equal_cosines_takes_one_pass(monkeypatch):
+    """Every pair's cosine equal: the sample's rows do not differ, so the standard error is 0 and a
+    window is the sample's value -+ 4e. It must hold its rank at once: the sample's cosine (one
+    product) and the pass's (16 slices) differ by up to 2e, so a margin of 2e missed, and as the
+    window did not grow, the pass repeated until the spread overflowed (512 passes)."""
+    passes = []
+    def counted(*args):
+        passes.append(1)
+        return evaluate.triangle_pass_uncounted(*args)
+    monkeypatch.setattr(evaluate, "triangle_pass_uncounted", evaluate.triangle_pass, raising=False)
+    monkeypatch.setattr(evaluate, "triangle_pass", counted)
+    for n, direction in ((60, np.ones(6)), (41, np.arange(1.0, 7.0))):
+        x = evaluate.unit_rows(np.tile(direction, (n, 1)))
+        full = np.sort((x @ x.T).numpy()[np.triu_indices(n, 1)])
+        ranks = [0, len(full) // 2, len(full) - 1]
+        passes.clear()
+        stats, _, _ = evaluate.cosine_order_statistics(x, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        assert len(passes) == 1 and all(stats[r] == full[r] for r in ranks)
+
+
+def test_a_repeat_widens_every_window_to_the_whole_line():
+    """The pass repeats with the spread 4x larger until every rank is held, so a window must grow with
+    the spread even where the sample's rows are alike (standard error 0) at the ends (q = 0 or 1, where
+    an unclustered sample's error is 0 too): without a floor there, it stayed put and the repeats
+    never ended."""
+    sample = np.tile(np.linspace(-0.5, 0.5, 99, dtype=np.float32), (5, 1))  # 5 alike rows of a 100-row map
+    pairs = 100 * 99 // 2
+    ranks = [0, pairs // 2, pairs - 1]
+    narrow = evaluate.rank_windows(ranks, pairs, sample, 1.0, 1e-6)
+    assert narrow[ranks[0]][1] < -0.49 and -0.05 < narrow[ranks[1]][0] < narrow[ranks[1]][1] < 0.05 and narrow[ranks[2]][0] > 0.49
+    wide = evaluate.rank_windows(ranks, pairs, sample, 4.0 ** 12, 1e-6)
+    assert all(window == (-math.inf, math.inf) for window in wide.values())
