@@ -431,13 +431,14 @@ def sampled_cosines(x32, sample_rows, seed):
 def rank_windows(ranks, pairs_total, sample, spread, e):
     """Per rank r: [lo, hi], the sample's quantiles at q = r / pairs_total -+ `spread` standard errors
     of the fraction of the sample below its q-quantile, widened by 4e (open at the ends), as float32
-    numbers: the pass compares float32 cosines with them exactly. The sampled rows are
-    a random sample of the map's rows, so that fraction is a mean over rows: its standard error is the
-    rows' spread over sqrt(rows) (large on a map of clusters, small on a map without structure), and no
-    less than an unclustered sample's sqrt(q (1 - q) / values) or one value (it grows on a repeat even
-    where every row is alike). Sized so, a window holds ~0.2% of the pairs on a map without structure
-    where a fixed 1% was needed for clustered ones. 4e: a pair's cosine in the sample (one product) and
-    in the pass (16 slices) differ by up to 2e, and a window must hold 2e either side of the pass's."""
+    numbers: the pass compares float32 cosines with them exactly. The sampled rows are a random
+    sample of the map's rows, so that fraction is a mean over rows: its standard error is the rows'
+    spread over sqrt(rows) (large on a map of clusters, small on a map without structure), and no
+    less than an unclustered sample's sqrt(q (1 - q) / values) or one value (so that it grows on a
+    repeat even where every row is alike). Sized so, a window holds ~0.2% of the pairs on a map without
+    structure where a fixed 1% was needed for clustered ones. 4e: a pair's cosine in the sample (one
+    product) and in the pass (16 slices) differ by up to 2e, and a window must hold 2e either side of
+    the pass's."""
     if not ranks:
         return {}
     rows, values = len(sample), sample.size
