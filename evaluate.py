@@ -527,9 +527,9 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
     around the sample's r/N quantile, as wide as the sample is uncertain there (rank_windows); 2. one
     pass counts the pairs below each window and keeps those inside (triangle_pass); 3. t32 is read off
     the kept values, and the pairs within 2e of it are recomputed in float64 (candidates_of_ranks,
-    pair_dots): the rank-r value is among them, at rank r minus the pairs certainly below. Should a window miss (the sample misled), steps 2-3 are
-    repeated with windows 4x wider. Returns {rank: t64}, the float32 query cosines (in the callers'
-    order) and e."""
+    pair_dots): the rank-r value is among them, at rank r minus the pairs certainly below. Should a
+    window miss (the sample misled), steps 2-3 are repeated with windows 4x wider. Returns {rank:
+    t64}, the float32 query cosines (in the callers' order) and e."""
     n, d = x64.shape
     e = float32_error_bound(d, chunks)
     x32 = x64.float()
