@@ -435,7 +435,7 @@ def rank_windows(ranks, pairs_total, sample, spread, e):
     sample of the map's rows, so that fraction is a mean over rows: its standard error is the rows'
     spread over sqrt(rows) (large on a map of clusters, small on a map without structure), and no
     less than an unclustered sample's sqrt(q (1 - q) / values) or one value (so that it grows on a
-    repeat even where every row is alike). Sized so, a window holds ~0.2% of the pairs on a map without
+    repeat even where every row is alike). Sized so, a window holds ~0.25% of the pairs on a map without
     structure where a fixed 1% was needed for clustered ones. 4e: a pair's cosine in the sample (one
     product) and in the pass (16 slices) differ by up to 2e, and a window must hold 2e either side of
     the pass's."""
@@ -443,14 +443,13 @@ def rank_windows(ranks, pairs_total, sample, spread, e):
         return {}
     rows, values = len(sample), sample.size
     flat = sample.reshape(-1)
-    position = lambda q: min(values, max(1, round(q * values))) - 1  # of the q-quantile, sorted
+    position = lambda q, size=values: min(size, max(1, round(q * size))) - 1  # of the q-quantile, sorted
     middle = {r: r / pairs_total for r in ranks}
     thinned = flat[::16]  # the spread of the rows near a quantile needs the quantile only roughly
-    rough = lambda q: min(len(thinned), max(1, round(q * len(thinned)))) - 1
-    ordered = np.partition(thinned, sorted({rough(q) for q in middle.values()}))
+    ordered = np.partition(thinned, sorted({position(q, len(thinned)) for q in middle.values()}))
     half = {}
     for r, q in middle.items():
-        row_fractions = np.count_nonzero(sample < ordered[rough(q)], axis=1) / sample.shape[1]
+        row_fractions = np.count_nonzero(sample < ordered[position(q, len(thinned))], axis=1) / sample.shape[1]
         row_error = row_fractions.std(ddof=1) / math.sqrt(rows) if rows > 1 else 1.0
         half[r] = spread * max(row_error, math.sqrt(q * (1 - q) / values), 1 / values)
     quantiles = {r: (q - half[r], q + half[r]) for r, q in middle.items()}
