@@ -874,17 +874,24 @@ def test_pictures_per_block_curves_and_the_map(tmp_path, annotations):
         assert not (tmp_path / "bare" / picture).exists()
 
 
-def test_windows_are_as_wide_as_the_sample_is_uncertain(monkeypatch):
+@pytest.fixture
+def passes(monkeypatch):
+    """What each triangle_pass returned, in order: how many passes cosine_order_statistics took."""
+    made, real = [], evaluate.triangle_pass
+
+    def counted(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(evaluate, "triangle_pass", counted)
+    return made
+
+
+def test_windows_are_as_wide_as_the_sample_is_uncertain(passes):
     """rank_windows sizes each window by the spread of the sampled rows: on a map of clusters (each
     row's cosines lie elsewhere) the first pass still holds every rank, where windows as narrow as an
     unclustered sample's error missed and paid a second pass; on a map without structure a window
     holds a small share of the pairs (a fixed window kept 1% of them per rank)."""
-    passes = []
-    def counted(*args):
-        passes.append(evaluate.triangle_pass_uncounted(*args))
-        return passes[-1]
-    monkeypatch.setattr(evaluate, "triangle_pass_uncounted", evaluate.triangle_pass, raising=False)
-    monkeypatch.setattr(evaluate, "triangle_pass", counted)
     rng = np.random.default_rng(7)
     n = 3000
     pairs = n * (n - 1) // 2
@@ -902,17 +909,11 @@ def test_windows_are_as_wide_as_the_sample_is_uncertain(monkeypatch):
     assert len(passes) == 1 and max(len(kept[r][0]) for r in ranks) < 0.005 * pairs
 
 
-def test_a_map_of_equal_cosines_takes_one_pass(monkeypatch):
+def test_a_map_of_equal_cosines_takes_one_pass(passes):
     """Every pair's cosine equal: the sample's rows do not differ, so the standard error is 0 and a
     window is the sample's value -+ 4e. It must hold its rank at once: the sample's cosine (one
     product) and the pass's (16 slices) differ by up to 2e, so a margin of 2e missed, and as the
     window did not grow, the pass repeated until the spread overflowed (512 passes)."""
-    passes = []
-    def counted(*args):
-        passes.append(1)
-        return evaluate.triangle_pass_uncounted(*args)
-    monkeypatch.setattr(evaluate, "triangle_pass_uncounted", evaluate.triangle_pass, raising=False)
-    monkeypatch.setattr(evaluate, "triangle_pass", counted)
     for n, direction in ((60, np.ones(6)), (41, np.arange(1.0, 7.0))):
         x = evaluate.unit_rows(np.tile(direction, (n, 1)))
         full = np.sort((x @ x.T).numpy()[np.triu_indices(n, 1)])
