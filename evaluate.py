@@ -581,6 +581,11 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
     Returns {source: {"recall_0.05_0.95": ..., "recall_0.1_0.9": ..., "n_pairs", "n_entities"}};
     a source with no pair in the map has n_pairs 0 and NaN recalls (the reference omits it)."""
     labels = np.asarray(labels, dtype=str)
+    shape = np.shape(features)
+    if len(shape) != 2 or shape[0] != len(labels) or shape[0] < 2 or shape[1] < 1:
+        # the null is every pair of the feature rows: extra rows changed it silently, one row has no pair
+        raise ValueError(f"known_relationship_recall: features of shape {shape} for {len(labels)} labels "
+                         "(one row per label, 2+ rows, 1+ dimensions)")
     if len(set(labels.tolist())) != len(labels):
         raise ValueError("known_relationship_recall: duplicate labels; aggregate to one row per perturbation first")
     annotations = required_tables(annotations_dir)

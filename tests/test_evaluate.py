@@ -112,6 +112,16 @@ def test_recall_refuses_features_that_are_not_finite(annotations, bad):
         evaluate.known_relationship_recall(features, genes, annotations_dir=annotations)
 
 
+@pytest.mark.parametrize("rows, dims, labels", [(305, 8, 300), (1, 8, 1), (300, 0, 300), (300, 8, 301)])
+def test_recall_refuses_features_that_do_not_match_their_labels(annotations, rows, dims, labels):
+    """Rows beyond the labels went into the null unnoticed and changed the numbers; one row (no pair)
+    divided by zero; no dimensions failed inside the products: one line each."""
+    genes = annotated_genes(annotations)[:labels]
+    features = np.random.default_rng(8).normal(size=(rows, dims))
+    with pytest.raises(ValueError, match=r"^known_relationship_recall: features of shape \(\d+, \d+\) for \d+ labels"):
+        evaluate.known_relationship_recall(features, genes, annotations_dir=annotations)
+
+
 @pytest.mark.parametrize("body", ["A,B,C\n", "A,\n", "A B\n", "A,B\nC\n"])
 def test_a_malformed_annotation_table_is_one_line_naming_it(tmp_path, body):
     (tmp_path / "CORUM.txt").write_text("entity1,entity2\nX,Y\n" + body)
