@@ -420,38 +420,49 @@ def upper_triangle_tiles(x32, chunks, rows=256, cols=2048):
 
 
 def sampled_cosines(x32, sample_rows, seed):
-    """The float32 cosines between a random sample of rows and all rows, each row's with itself left
-    out (numpy, one row per sampled row): a rough map of where each order statistic lies."""
+    """The float32 cosines between two disjoint random samples of the map's rows, `sample_rows` each
+    (half the rows on a small map): a rough map of where each order statistic lies. Disjoint, so
+    that no row meets itself and no pair is counted twice."""
     n = len(x32)
-    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, sample_rows), replace=False))
-    s = (x32[torch.from_numpy(sample).to(x32.device)] @ x32.T).cpu().numpy().reshape(-1)
-    return np.delete(s, np.arange(len(sample)) * n + sample).reshape(len(sample), n - 1)
+    size = max(1, min(sample_rows, n // 2))
+    picked = torch.from_numpy(np.random.default_rng(seed).permutation(n)[:2 * size]).to(x32.device)
+    return (x32[picked[:size]] @ x32[picked[size:]].T).cpu().numpy()
+
+
+def fraction_below_error(sample, threshold, q):
+    """Standard error of the share of the sample (sampled_cosines) below `threshold` as an estimate of
+    the map's share q. The sample's rows and columns are random samples of the map's rows, so that
+    share is a two-way mean: its variance is the rows' variance over rows plus the columns' over
+    columns (large on a map of clusters, where each row's cosines lie elsewhere, small on a map
+    without structure), less the q (1 - q) / values that both count; never below an unclustered
+    sample's q (1 - q) / values or one value squared (so that it is never 0). One row and column:
+    1, no spread to measure."""
+    (rows, cols), values = sample.shape, sample.size
+    if rows < 2 or cols < 2:
+        return 1.0
+    below = sample < threshold
+    binomial = q * (1 - q) / values
+    variance = (np.count_nonzero(below, axis=1).var(ddof=1) / cols ** 2 / rows
+                + np.count_nonzero(below, axis=0).var(ddof=1) / rows ** 2 / cols - binomial)
+    return math.sqrt(max(variance, binomial, 1 / values ** 2))
 
 
 def rank_windows(ranks, pairs_total, sample, spread, e):
     """Per rank r: [lo, hi], the sample's quantiles at q = r / pairs_total -+ `spread` standard errors
-    of the fraction of the sample below its q-quantile, widened by 4e (open at the ends), as float32
-    numbers: the pass compares float32 cosines with them exactly. The sampled rows are a random
-    sample of the map's rows, so that fraction is a mean over rows: its standard error is the rows'
-    spread over sqrt(rows) (large on a map of clusters, small on a map without structure), and no
-    less than an unclustered sample's sqrt(q (1 - q) / values) or one value (so that it grows on a
-    repeat even where every row is alike). Sized so, a window holds ~0.25% of the pairs on a map without
-    structure where a fixed 1% was needed for clustered ones. 4e: a pair's cosine in the sample (one
-    product) and in the pass (16 slices) differ by up to 2e, and a window must hold 2e either side of
-    the pass's."""
+    of the share of the sample below its q-quantile (fraction_below_error), widened by 4e (open at
+    the ends), as float32 numbers: the pass compares float32 cosines with them exactly. Sized so, a
+    window holds ~0.25% of the pairs on a map without structure where a fixed 1% was needed for
+    clustered ones. 4e: a pair's cosine in the sample (one product) and in the pass (16 slices)
+    differ by up to 2e, and a window must hold 2e either side of the pass's."""
     if not ranks:
         return {}
-    rows, values = len(sample), sample.size
+    values = sample.size
     flat = sample.reshape(-1)
     position = lambda q, size=values: min(size, max(1, round(q * size))) - 1  # of the q-quantile, sorted
     middle = {r: r / pairs_total for r in ranks}
-    thinned = flat[::16]  # the spread of the rows near a quantile needs the quantile only roughly
+    thinned = flat[::16]  # the error near a quantile needs the quantile only roughly
     ordered = np.partition(thinned, sorted({position(q, len(thinned)) for q in middle.values()}))
-    half = {}
-    for r, q in middle.items():
-        row_fractions = np.count_nonzero(sample < ordered[position(q, len(thinned))], axis=1) / sample.shape[1]
-        row_error = row_fractions.std(ddof=1) / math.sqrt(rows) if rows > 1 else 1.0
-        half[r] = spread * max(row_error, math.sqrt(q * (1 - q) / values), 1 / values)
+    half = {r: spread * fraction_below_error(sample, ordered[position(q, len(thinned))], q) for r, q in middle.items()}
     quantiles = {r: (q - half[r], q + half[r]) for r, q in middle.items()}
     inner = sorted({position(q) for pair in quantiles.values() for q in pair if 0 < q < 1})
     ordered = np.partition(flat, inner) if inner else flat
@@ -515,14 +526,14 @@ def candidates_of_ranks(windows, below, kept, e):
     return found
 
 
-def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, sample_rows=128, spread=8.0, seed=0):
+def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, sample_rows=1600, spread=8.0, seed=0):
     """Exact float64 order statistics of the cosines of all N = n(n-1)/2 pairs of rows of x64 (unit
     rows), and the float32 cosines of the query pairs (numpy pair_i < pair_j), from ONE float32 pass
     over the upper triangle, never holding it.
 
     Invariant: every pair's float32 cosine is within e of its float64 one (e = float32_error_bound), so
     the rank-r float64 value is held by a pair within 2e of the rank-r float32 value t32.
-    Algorithm: 1. cosines of a sample of rows place each rank r roughly: a window of float32 values
+    Algorithm: 1. the cosines between two samples of rows place each rank r roughly: a window of float32 values
     around the sample's r/N quantile, as wide as the sample is uncertain there (rank_windows); 2. one
     pass counts the pairs below each window and keeps those inside (triangle_pass); 3. t32 is read off
     the kept values, and the pairs within 2e of it are recomputed in float64 (candidates_of_ranks,

@@ -898,10 +898,10 @@ def passes(monkeypatch):
 
 
 def test_windows_are_as_wide_as_the_sample_is_uncertain(passes):
-    """rank_windows sizes each window by the spread of the sampled rows: on a map of clusters (each
-    row's cosines lie elsewhere) the first pass still holds every rank, where windows as narrow as an
-    unclustered sample's error missed and paid a second pass; on a map without structure a window
-    holds a small share of the pairs (a fixed window kept 1% of them per rank)."""
+    """rank_windows sizes each window by the sample's error: on a map of clusters the first pass still
+    holds every rank (windows of one standard error missed and paid a second pass), and on a map
+    without structure a window holds a small share of the pairs (a fixed window kept 1% of them per
+    rank; twice the spread, or samples of 200 rows, keep more than 0.5%)."""
     rng = np.random.default_rng(7)
     n = 3000
     pairs = n * (n - 1) // 2
@@ -914,9 +914,33 @@ def test_windows_are_as_wide_as_the_sample_is_uncertain(passes):
         evaluate.cosine_order_statistics(evaluate.unit_rows(clusters), ranks, none, none, seed=seed)
         assert len(passes) == 1, f"seed {seed}: {len(passes)} passes"
     passes.clear()
-    evaluate.cosine_order_statistics(evaluate.unit_rows(rng.normal(size=(n, 256))), ranks, none, none, sample_rows=512)
+    evaluate.cosine_order_statistics(evaluate.unit_rows(rng.normal(size=(n, 256))), ranks, none, none)
     kept = passes[0][1]
     assert len(passes) == 1 and max(len(kept[r][0]) for r in ranks) < 0.005 * pairs
+
+
+def test_the_samples_error_is_what_its_share_misses_by():
+    """fraction_below_error against the truth: the share of a sample's cosines below the map's
+    q-quantile misses q by about one estimated standard error, on a map of clusters (where the rows'
+    and the columns' spread make the error) and on one without structure (where the binomial one
+    does). Measured over 200 samples of 100 x 100 rows, the standardized misses' spread is 0.9-1.0;
+    dropping the columns' term (1.4), the rows' (1.4) or both (far more), or not taking off what both
+    count (0.7), moves it out of 0.8-1.2."""
+    rng = np.random.default_rng(7)
+    n = 2000
+    maps = {"clusters": rng.normal(size=(8, 32))[rng.integers(0, 8, n)] * rng.uniform(0, 3, (n, 1)) + rng.normal(size=(n, 32)),
+            "no structure": rng.normal(size=(n, 32))}
+    for name, features in maps.items():
+        x32 = evaluate.unit_rows(features).float()
+        upper = (x32 @ x32.T).numpy()[np.triu_indices(n, 1)]
+        misses = []
+        for q in (0.05, 0.1, 0.9, 0.95):
+            threshold = np.quantile(upper, q)
+            share = np.mean(upper < threshold)
+            for seed in range(200):
+                sample = evaluate.sampled_cosines(x32, 100, seed)
+                misses.append((np.mean(sample < threshold) - share) / evaluate.fraction_below_error(sample, threshold, share))
+        assert 0.8 < np.std(misses) < 1.2, f"{name}: {np.std(misses):.2f}"
 
 
 def test_a_map_of_equal_cosines_takes_one_pass(passes):
@@ -935,13 +959,14 @@ def test_a_map_of_equal_cosines_takes_one_pass(passes):
 
 def test_a_repeat_widens_every_window_to_the_whole_line():
     """The pass repeats with the spread 4x larger until every rank is held, so a window must grow with
-    the spread even where the sample's rows are alike (standard error 0) at the ends (q = 0 or 1, where
+    the spread even where every sampled cosine is alike (standard error 0) at the ends (q = 0 or 1, where
     an unclustered sample's error is 0 too): without a floor there, it stayed put and the repeats
     never ended."""
-    sample = np.tile(np.linspace(-0.5, 0.5, 99, dtype=np.float32), (5, 1))  # 5 alike rows of a 100-row map
+    sample = np.full((5, 9), 0.25, np.float32)  # every sampled cosine alike, as on a map of one direction
     pairs = 100 * 99 // 2
     ranks = [0, pairs // 2, pairs - 1]
     narrow = evaluate.rank_windows(ranks, pairs, sample, 1.0, 1e-6)
-    assert narrow[ranks[0]][1] < -0.49 and -0.05 < narrow[ranks[1]][0] < narrow[ranks[1]][1] < 0.05 and narrow[ranks[2]][0] > 0.49
+    assert narrow[ranks[0]][0] == -math.inf and narrow[ranks[2]][1] == math.inf
+    assert all(0.2499 < end < 0.2501 for window in narrow.values() for end in window if abs(end) < math.inf)
     wide = evaluate.rank_windows(ranks, pairs, sample, 4.0 ** 12, 1e-6)
     assert all(window == (-math.inf, math.inf) for window in wide.values())
