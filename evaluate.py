@@ -435,8 +435,8 @@ def fraction_below_error(sample, threshold, q):
     share is a two-way mean: its variance is the rows' variance over rows plus the columns' over
     columns (large on a map of clusters, where each row's cosines lie elsewhere, small on a map
     without structure), less the q (1 - q) / values that both count; never below an unclustered
-    sample's q (1 - q) / values or one value squared (so that it is never 0). One row and column:
-    1, no spread to measure."""
+    sample's q (1 - q) / values or one value squared (so that it is never 0). A single row or
+    column: 1 (the whole line), no spread to measure."""
     (rows, cols), values = sample.shape, sample.size
     if rows < 2 or cols < 2:
         return 1.0
@@ -451,8 +451,8 @@ def rank_windows(ranks, pairs_total, sample, spread, e):
     """Per rank r: [lo, hi], the sample's quantiles at q = r / pairs_total -+ `spread` standard errors
     of the share of the sample below its q-quantile (fraction_below_error), widened by 4e (open at
     the ends), as float32 numbers: the pass compares float32 cosines with them exactly. Sized so, a
-    window holds ~0.25% of the pairs on a map without structure where a fixed 1% was needed for
-    clustered ones. 4e: a pair's cosine in the sample (one product) and in the pass (16 slices)
+    window holds ~0.3% of the pairs on a map without structure and ~0.5% on a map of clusters, where
+    a fixed 1% was needed. 4e: a pair's cosine in the sample (one product) and in the pass (16 slices)
     differ by up to 2e, and a window must hold 2e either side of the pass's."""
     if not ranks:
         return {}
@@ -533,13 +533,13 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
 
     Invariant: every pair's float32 cosine is within e of its float64 one (e = float32_error_bound), so
     the rank-r float64 value is held by a pair within 2e of the rank-r float32 value t32.
-    Algorithm: 1. the cosines between two samples of rows place each rank r roughly: a window of float32 values
-    around the sample's r/N quantile, as wide as the sample is uncertain there (rank_windows); 2. one
-    pass counts the pairs below each window and keeps those inside (triangle_pass); 3. t32 is read off
-    the kept values, and the pairs within 2e of it are recomputed in float64 (candidates_of_ranks,
-    pair_dots): the rank-r value is among them, at rank r minus the pairs certainly below. Should a
-    window miss (the sample misled), steps 2-3 are repeated with windows 4x wider. Returns {rank:
-    t64}, the float32 query cosines (in the callers' order) and e."""
+    Algorithm: 1. the cosines between two samples of rows place each rank r roughly: a window of
+    float32 values around the sample's r/N quantile, as wide as the sample is uncertain there
+    (rank_windows); 2. one pass counts the pairs below each window and keeps those inside
+    (triangle_pass); 3. t32 is read off the kept values, and the pairs within 2e of it are recomputed
+    in float64 (candidates_of_ranks, pair_dots): the rank-r value is among them, at rank r minus the
+    pairs certainly below. Should a window miss (the sample misled), steps 2-3 are repeated with
+    windows 4x wider. Returns {rank: t64}, the float32 query cosines (in the callers' order) and e."""
     n, d = x64.shape
     e = float32_error_bound(d, chunks)
     x32 = x64.float()
