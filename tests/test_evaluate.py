@@ -41,10 +41,10 @@ def annotated_genes(annotations):
     return sorted({g for s in evaluate.SOURCES for g in np.concatenate(evaluate.read_relationships(str(annotations), s))})
 
 
-def structured_map(rng, n, d):
+def structured_map(rng, n, d, clusters=20, scale=1.5):
     """Features with shared directions (clusters) so that the tails are not just noise."""
-    centers = rng.normal(size=(20, d))
-    return centers[rng.integers(0, 20, n)] * rng.uniform(0, 1.5, (n, 1)) + rng.normal(size=(n, d))
+    centers = rng.normal(size=(clusters, d))
+    return centers[rng.integers(0, clusters, n)] * rng.uniform(0, scale, (n, 1)) + rng.normal(size=(n, d))
 
 
 def reference_recall(reference, features, labels, annotations):
@@ -908,7 +908,7 @@ def test_windows_are_as_wide_as_the_sample_is_uncertain(passes):
     ranks = [evaluate.left_count(0.05, pairs), evaluate.left_count(0.1, pairs),
              evaluate.right_count(0.9, pairs) - 1, evaluate.right_count(0.95, pairs) - 1]
     none = np.zeros(0, np.int64)
-    clusters = rng.normal(size=(8, 32))[rng.integers(0, 8, n)] * rng.uniform(0, 3, (n, 1)) + rng.normal(size=(n, 32))
+    clusters = structured_map(rng, n, 32, clusters=8, scale=3)
     for seed in range(3):
         passes.clear()
         evaluate.cosine_order_statistics(evaluate.unit_rows(clusters), ranks, none, none, seed=seed)
@@ -928,7 +928,7 @@ def test_the_samples_error_is_what_its_share_misses_by():
     count (0.7), moves it out of 0.8-1.2."""
     rng = np.random.default_rng(7)
     n = 2000
-    maps = {"clusters": rng.normal(size=(8, 32))[rng.integers(0, 8, n)] * rng.uniform(0, 3, (n, 1)) + rng.normal(size=(n, 32)),
+    maps = {"clusters": structured_map(rng, n, 32, clusters=8, scale=3),
             "no structure": rng.normal(size=(n, 32))}
     for name, features in maps.items():
         x32 = evaluate.unit_rows(features).float()
