@@ -332,6 +332,8 @@ def recall_figures(genes, dims, kinds=RECALL_MAPS, seed=0, repeats=5, reference=
     unknown = [kind for kind in kinds if kind not in RECALL_MAPS]
     if unknown:  # recall_map would make them plain random maps, printed under the wrong name
         raise SystemExit(f"bench.py recall: no map kind {', '.join(unknown)} (kinds: {', '.join(RECALL_MAPS)})")
+    if genes < 2 or dims < 1:  # else a traceback: recall refuses them, and the floor's tiles cannot slice 0 dims
+        raise SystemExit(f"bench.py recall: a map of {genes} genes x {dims} dims (--genes 2+, --dims 1+)")
     efaar = efaar_reference() if reference == "efaar" else None
     annotations = evaluate.annotation_tables()
     device = "cuda" if torch.cuda.is_available() else "cpu"

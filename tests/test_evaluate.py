@@ -101,6 +101,14 @@ def test_bench_recall_refuses_a_map_kind_it_does_not_make():
         bench.recall_figures(300, 8, ("random", "randm"), repeats=1)
 
 
+@pytest.mark.parametrize("genes,dims", [(1, 8), (300, 0)])
+def test_bench_recall_refuses_a_map_without_pairs_or_dimensions(genes, dims):
+    """One gene (no pair) ended in recall's ValueError under a traceback; no dimensions in the floor's
+    tiles (range() arg 3 must not be zero)."""
+    with pytest.raises(SystemExit, match=rf"^bench.py recall: a map of {genes} genes x {dims} dims \(--genes 2\+, --dims 1\+\)$"):
+        bench.recall_figures(genes, dims, ("random",), repeats=1)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_recall_refuses_features_that_are_not_finite(annotations, bad):
     """A NaN cosine lies below no window and in none, so the order statistics would be counted over
