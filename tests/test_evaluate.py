@@ -218,8 +218,9 @@ def test_float32_bound_holds_on_hard_input():
 def test_float32_bound_is_approached_on_an_adversarial_input():
     """Unit rows (c, e, ..., e, 0, ...) with e^2 just under half an ulp of c^2: a float32 sum that
     starts at c^2 rounds every e^2 away, so the matrix products of upper_triangle_tiles lose many of
-    them. The bound holds, and is within 32x of what happens here (measured 16x: a bound loosened to
-    ~sqrt(k) u would be broken)."""
+    them: more than sqrt(k) u, so a bound loosened to the usual ~sqrt(k) u estimate is broken. The
+    bound holds. How many are lost depends on the BLAS's blocking of the sum, not on our code: 256 u
+    on the 2-core AMD EPYC (16x under the bound), 126 u on the 2-core Intel Xeon (33x under)."""
     d, chunks = 8192, 2
     k = d // chunks
     e2 = 0.99 * 2.0 ** -25
@@ -232,7 +233,7 @@ def test_float32_bound_is_approached_on_an_adversarial_input():
         error = (g.double() - exact[i0:i0 + g.shape[0], j0:j0 + g.shape[1]]).abs()
         worst = max(worst, float(error[~error.isnan()].max()))
     bound = evaluate.float32_error_bound(d, chunks)
-    assert bound / 32 < worst <= bound, (worst, bound)
+    assert math.sqrt(k) * 2.0 ** -24 < worst <= bound, (worst, bound)
 
 
 def test_centerscale_uses_each_batchs_control_statistics(tmp_path):
