@@ -165,23 +165,28 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
         assert abs(stats[r] - full[r]) < 1e-15
 
 
-def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(threads):
     """triangle_pass against the dense upper triangle of the same float32 tiles: per window, the pairs
     below it counted and the pairs inside it kept (values and i*n+j), and the query cosines; small
-    tiles, so that rows and columns of tiles end ragged and the diagonal cuts through tiles."""
+    tiles, so that rows and columns of tiles end ragged and the diagonal cuts through tiles; the rows
+    of tiles shared among 1 and 3 threads (more than the cores: nothing counted twice or lost)."""
     rng = np.random.default_rng(5)
     n, rows, cols = 700, 64, 160
     x32 = evaluate.unit_rows(structured_map(rng, n, 24)).float()
     dense = np.full((n, n), np.nan, np.float32)
-    for i0, j0, g in evaluate.upper_triangle_tiles(x32, 4, rows, cols):
-        dense[i0:i0 + g.shape[0], j0:j0 + g.shape[1]] = g.numpy()
+    for i0 in range(0, n, rows):
+        for j0, g in evaluate.row_of_tiles(x32, i0, 4, rows, cols):
+            dense[i0:i0 + g.shape[0], j0:j0 + g.shape[1]] = g.numpy()
     upper = dense[np.triu_indices(n, 1)]
     edges = np.sort(upper)[(np.array([0.02, 0.05, 0.07, 0.2, 0.9, 0.93]) * len(upper)).astype(int)].tolist()
     # ends on values of the triangle (a pair on each end), one window open, two overlapping
     windows = {10: (-math.inf, edges[0]), 20: (edges[1], edges[2]), 30: (edges[1], edges[3]), 40: (edges[4], edges[5])}
     pair_i, pair_j = np.triu_indices(n, 1)
     pick = np.sort(rng.choice(len(pair_i), 500, replace=False))
-    below, kept, query32 = evaluate.triangle_pass(x32, windows, pair_i[pick], pair_j[pick], 4, rows, cols)
+    threads_before = torch.get_num_threads()
+    below, kept, query32 = evaluate.triangle_pass(x32, windows, pair_i[pick], pair_j[pick], 4, rows, cols, threads)
+    assert torch.get_num_threads() == threads_before  # the threads' single-threaded products: undone
     assert np.array_equal(query32, dense[pair_i[pick], pair_j[pick]])
     for r, (lo, hi) in windows.items():
         assert below[r] == np.count_nonzero(upper < lo)
@@ -217,7 +222,7 @@ def test_float32_bound_holds_on_hard_input():
 
 def test_float32_bound_is_approached_on_an_adversarial_input():
     """Unit rows (c, e, ..., e, 0, ...) with e^2 just under half an ulp of c^2: a float32 sum that
-    starts at c^2 rounds every e^2 away, so the matrix products of upper_triangle_tiles lose many of
+    starts at c^2 rounds every e^2 away, so the matrix products of row_of_tiles lose many of
     them: more than sqrt(k) u, so a bound loosened to the usual ~sqrt(k) u estimate is broken. The
     bound holds. How many are lost depends on the BLAS's blocking of the sum, not on our code: 256 u
     on the 2-core AMD EPYC (16x under the bound), 126 u on the 2-core Intel Xeon (33x under)."""
@@ -229,8 +234,8 @@ def test_float32_bound_is_approached_on_an_adversarial_input():
     x[:, 0] = math.sqrt(1 - (k - 1) * e2)
     x = torch.from_numpy(x)
     exact, worst = x @ x.T, 0.0
-    for i0, j0, g in evaluate.upper_triangle_tiles(x.float(), chunks):
-        error = (g.double() - exact[i0:i0 + g.shape[0], j0:j0 + g.shape[1]]).abs()
+    for j0, g in evaluate.row_of_tiles(x.float(), 0, chunks, 3, 3):
+        error = (g.double() - exact[:, j0:j0 + g.shape[1]]).abs()
         worst = max(worst, float(error[~error.isnan()].max()))
     bound = evaluate.float32_error_bound(d, chunks)
     assert math.sqrt(k) * 2.0 ** -24 < worst <= bound, (worst, bound)
