@@ -380,11 +380,12 @@ def recall_figures(genes, dims, kinds=RECALL_MAPS, seed=0, repeats=5, reference=
         print(line + ("identical" if identical else "DIFFERENT"), flush=True)
 
 
-def probe_figures(depth, crop_size=64, seed=0):
+def probe_figures(depth, crop_size=64, seed=0, repeats=3):
     """Whole block sweep, ours vs naive, on the demo screen with a random-init demo-architecture model
     (depth 48: vitg8's depth at a small width); and ours against one embedding pass alone, its floor.
     Crops of crop_size px in 8x8 patches (64 tokens each): 128 px makes 4x fewer crops than 64, for the
-    48-block run, whose naive sweep embeds 24.5x as much as one pass."""
+    48-block run, whose naive sweep embeds 24.5x as much as one pass. Ours and the floor: the best of
+    `repeats`, taken in turns; the naive sweep once."""
     import probe
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
@@ -398,17 +399,19 @@ def probe_figures(depth, crop_size=64, seed=0):
         save_consolidated(tmp / "model.pt", model.config, model.state_dict())
         grid = (1e-1, 1e-2, 1e-3, 1e-4)
         dataset = data.CropDataset(crops)
-        start = time.perf_counter()  # the floor: one embedding pass to the last block, nothing else
-        evaluate.embed_wells(lambda x: model.eval().embed(x, [depth]), dataset, tmp / "floor.npy")
-        floor_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        features, wells = probe.block_features(tmp / "model.pt", crops, tmp / "probe")
-        embedded_at = time.perf_counter()
-        labels = probe.task_labels(wells, "perturbation")
-        train, validation, test, _ = probe.split_wells(wells, "experiment")
-        ours = probe.sweep(features, labels, train, validation, test, list(range(1, depth + 1)), grid)
-        our_seconds = time.perf_counter() - start
-        embed_seconds = embedded_at - start
+        floor_seconds = our_seconds = math.inf
+        for repeat in range(repeats):  # in turns, the best of each: a noisy neighbour slows both alike
+            start = time.perf_counter()  # the floor: one embedding pass to the last block, nothing else
+            evaluate.embed_wells(lambda x: model.eval().embed(x, [depth]), dataset, tmp / "floor.npy")
+            floor_seconds = min(floor_seconds, time.perf_counter() - start)
+            start = time.perf_counter()
+            features, wells = probe.block_features(tmp / "model.pt", crops, tmp / f"probe_{repeat}")  # no cache
+            embedded_at = time.perf_counter()
+            labels = probe.task_labels(wells, "perturbation")
+            train, validation, test, _ = probe.split_wells(wells, "experiment")
+            ours = probe.sweep(features, labels, train, validation, test, list(range(1, depth + 1)), grid)
+            if time.perf_counter() - start < our_seconds:
+                our_seconds, embed_seconds = time.perf_counter() - start, embedded_at - start
         start = time.perf_counter()
         naive = {}
         used = labels != ""
@@ -422,7 +425,8 @@ def probe_figures(depth, crop_size=64, seed=0):
                 for l2 in grid)
         naive_seconds = time.perf_counter() - start
     print(f"\nblock sweep, {depth} blocks, {len(wells)} wells ({len(dataset)} crops of {crop_size} px) of the demo screen, "
-          f"task perturbation, {len(grid)} penalties, cpu {torch.get_num_threads()} threads")
+          f"task perturbation, {len(grid)} penalties, cpu {torch.get_num_threads()} threads; ours and one pass: "
+          f"the best of {repeats}, taken in turns")
     print(f"{'block':>5} {'ours bal.acc':>13} {'naive bal.acc':>14}   (validation, where both choose the penalty)")
     for block in ours:
         print(f"{block:5d} {ours[block]['validation_balanced_accuracy']:13.3f} {naive[block]:14.3f}")
