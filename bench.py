@@ -315,16 +315,16 @@ def recall_map(kind, genes, dims, rng):
 
 def matrix_product_seconds(features, device):
     """The floor: recall's float32 matrix products over the upper triangle alone, as its pass runs them
-    (evaluate.triangle_pass: the same tiles, the rows of tiles shared among the same threads)."""
+    (evaluate.triangle_pass: the same tiles, shared among the same threads)."""
     x32 = evaluate.unit_rows(features, device).float()
+    rows, cols, chunks = evaluate.TILE_ROWS, evaluate.TILE_COLS, evaluate.FLOAT32_CHUNKS
 
-    def products(row_starts):
-        for i0 in row_starts:
-            for _ in evaluate.row_of_tiles(x32, i0, evaluate.FLOAT32_CHUNKS, evaluate.TILE_ROWS, evaluate.TILE_COLS):
-                pass
+    def products(tiles):
+        for i0, j0 in tiles:
+            evaluate.tile_cosines(x32, i0, j0, chunks, rows, cols)
 
     start = time.perf_counter()
-    evaluate.in_threads(products, range(0, len(x32), evaluate.TILE_ROWS), 1 if x32.is_cuda else torch.get_num_threads())
+    evaluate.in_threads(products, evaluate.triangle_tiles(len(x32), rows, cols), 1 if x32.is_cuda else torch.get_num_threads())
     if x32.is_cuda:
         torch.cuda.synchronize()  # the products were only queued
     return time.perf_counter() - start

@@ -400,29 +400,33 @@ def right_count(threshold, n):
 FLOAT32_CHUNKS = 16
 
 
-def row_of_tiles(x32, i0, chunks, rows, cols):
-    """Yield (j0, G) for the tiles of the row of tiles at i0, from the diagonal rightwards: G =
-    x32[i0:i0+rows] @ x32[j0:j0+cols].T summed over `chunks` slices of the dimensions (see
-    float32_error_bound), the pairs j <= i set to NaN. Over every row of tiles: every unordered pair
-    exactly once, half the work of the full Gram matrix. A tile stays in cache while its slices are
-    added and while the caller scans it."""
-    n, d = x32.shape
+def triangle_tiles(n, rows, cols):
+    """(i0, j0) of the tiles on and right of the diagonal of an n x n matrix: each row of tiles starts
+    on the diagonal. Together they hold every unordered pair exactly once: half the work of the full
+    Gram matrix."""
     assert cols >= rows, "a diagonal tile must hold its whole lower triangle"
+    return [(i0, j0) for i0 in range(0, n, rows) for j0 in range(i0, n, cols)]
+
+
+def tile_cosines(x32, i0, j0, chunks, rows, cols):
+    """G = x32[i0:i0+rows] @ x32[j0:j0+cols].T summed over `chunks` slices of the dimensions (see
+    float32_error_bound), the pairs j <= i set to NaN. The tile stays in cache while its slices are
+    added and while the caller scans it."""
+    d = x32.shape[1]
     k = -(-d // chunks)
-    a = x32[i0:i0 + rows]
-    for j0 in range(i0, n, cols):
-        g = a[:, :k] @ x32[j0:j0 + cols, :k].T
-        for c in range(k, d, k):
-            g.addmm_(a[:, c:c + k], x32[j0:j0 + cols, c:c + k].T)
-        if j0 == i0:
-            g[:, :len(a)].masked_fill_(torch.ones(len(a), len(a), dtype=torch.bool, device=g.device).tril(), float("nan"))
-        yield j0, g
+    a, b = x32[i0:i0 + rows], x32[j0:j0 + cols]
+    g = a[:, :k] @ b[:, :k].T
+    for c in range(k, d, k):
+        g.addmm_(a[:, c:c + k], b[:, c:c + k].T)
+    if j0 == i0:
+        g[:, :len(a)].masked_fill_(torch.ones(len(a), len(a), dtype=torch.bool, device=g.device).tril(), float("nan"))
+    return g
 
 
 def in_threads(work, items, threads):
     """[work(draw) for each of `threads` threads], every thread drawing the items from one shared
-    iterator, each thread's torch operations single-threaded. On a CPU, rows of tiles each computed
-    and scanned by one core beat each product split across the cores: the scan then reads its tile
+    iterator, each thread's torch operations single-threaded. On a CPU, tiles each computed and
+    scanned by one core beat each product split across the cores: the scan then reads its tile
     from its own core's cache, and runs while the other cores compute (beside an OpenMP team a
     second thread finds no free core: its idle threads spin between products)."""
     items, lock = iter(items), threading.Lock()
@@ -529,34 +533,32 @@ TILE_ROWS = TILE_COLS = 512
 
 
 def triangle_pass(x32, windows, pair_i, pair_j, chunks, rows=TILE_ROWS, cols=TILE_COLS, threads=None):
-    """ONE float32 pass over the upper triangle (row_of_tiles). Per rank r: how many pairs lie below
+    """ONE float32 pass over the upper triangle (triangle_tiles). Per rank r: how many pairs lie below
     its window, and the pairs inside it (float32 values, flat indices i*n+j). Also the float32
     cosines of the query pairs (pair_i sorted). Each tile is scanned with numpy on the host (a GPU's
-    copied there): its comparisons and selections run 3-7x faster than torch's on a CPU. The rows of
-    tiles are shared among `threads` threads (torch's thread count; one on a GPU), see in_threads."""
+    copied there): its comparisons and selections run 3-7x faster than torch's on a CPU. The tiles
+    are shared among `threads` threads (torch's thread count; one on a GPU), see in_threads."""
     n = len(x32)
     bounds = {r: (np.float32(lo), np.float32(hi)) for r, (lo, hi) in windows.items()}
     query32 = np.empty(len(pair_i), np.float32)
-    starts = np.searchsorted(pair_i, np.arange(0, n + rows, rows))
+    row_starts = np.searchsorted(pair_i, np.arange(0, n + rows, rows))  # the queries of each row of tiles
 
-    def scan_rows(row_starts):  # one thread's: its counts and kept pairs, its queries written in place
+    def scan_tiles(tiles):  # one thread's: its counts and kept pairs, its queries written in place
         below, kept = dict.fromkeys(windows, 0), {r: [] for r in windows}
         buffers = np.empty(rows * cols, bool), np.empty(rows * cols, bool)
-        for i0 in row_starts:
-            q = slice(starts[i0 // rows], starts[i0 // rows + 1])
-            row_i, row_j, row_at = pair_i[q] - i0, pair_j[q], np.arange(q.start, q.stop)
-            for j0, g in row_of_tiles(x32, i0, chunks, rows, cols):
-                tile = g.cpu().numpy()
-                here = (row_j >= j0) & (row_j < j0 + tile.shape[1])
-                query32[row_at[here]] = tile[row_i[here], row_j[here] - j0]
-                counts, inside = scan_tile(tile, i0, j0, n, bounds, *buffers)
-                for r in windows:
-                    below[r] += counts[r]
-                    kept[r].append(inside[r])
+        for i0, j0 in tiles:
+            tile = tile_cosines(x32, i0, j0, chunks, rows, cols).cpu().numpy()
+            q = np.arange(row_starts[i0 // rows], row_starts[i0 // rows + 1])
+            q = q[(pair_j[q] >= j0) & (pair_j[q] < j0 + tile.shape[1])]
+            query32[q] = tile[pair_i[q] - i0, pair_j[q] - j0]
+            counts, inside = scan_tile(tile, i0, j0, n, bounds, *buffers)
+            for r in windows:
+                below[r] += counts[r]
+                kept[r].append(inside[r])
         return below, kept
 
     threads = 1 if x32.is_cuda else threads or torch.get_num_threads()
-    shares = in_threads(scan_rows, range(0, n, rows), threads)  # the top rows, the longest, first
+    shares = in_threads(scan_tiles, triangle_tiles(n, rows, cols), threads)
     below = {r: sum(share[0][r] for share in shares) for r in windows}
     kept = {r: tuple(map(np.concatenate, zip(*[part for share in shares for part in share[1][r]]))) for r in windows}
     return below, kept, query32

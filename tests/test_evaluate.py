@@ -175,9 +175,9 @@ def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(thread
     n, rows, cols = 700, 64, 160
     x32 = evaluate.unit_rows(structured_map(rng, n, 24)).float()
     dense = np.full((n, n), np.nan, np.float32)
-    for i0 in range(0, n, rows):
-        for j0, g in evaluate.row_of_tiles(x32, i0, 4, rows, cols):
-            dense[i0:i0 + g.shape[0], j0:j0 + g.shape[1]] = g.numpy()
+    for i0, j0 in evaluate.triangle_tiles(n, rows, cols):
+        g = evaluate.tile_cosines(x32, i0, j0, 4, rows, cols)
+        dense[i0:i0 + g.shape[0], j0:j0 + g.shape[1]] = g.numpy()
     upper = dense[np.triu_indices(n, 1)]
     edges = np.sort(upper)[(np.array([0.02, 0.05, 0.07, 0.2, 0.9, 0.93]) * len(upper)).astype(int)].tolist()
     # ends on values of the triangle (a pair on each end), one window open, two overlapping
@@ -222,7 +222,7 @@ def test_float32_bound_holds_on_hard_input():
 
 def test_float32_bound_is_approached_on_an_adversarial_input():
     """Unit rows (c, e, ..., e, 0, ...) with e^2 just under half an ulp of c^2: a float32 sum that
-    starts at c^2 rounds every e^2 away, so the matrix products of row_of_tiles lose many of
+    starts at c^2 rounds every e^2 away, so the matrix products of tile_cosines lose many of
     them: more than sqrt(k) u, so a bound loosened to the usual ~sqrt(k) u estimate is broken. The
     bound holds. How many are lost depends on the BLAS's blocking of the sum, not on our code: 256 u
     on the 2-core AMD EPYC (16x under the bound), 126 u on the 2-core Intel Xeon (33x under)."""
@@ -233,10 +233,10 @@ def test_float32_bound_is_approached_on_an_adversarial_input():
     x[:, 1:k] = math.sqrt(e2)
     x[:, 0] = math.sqrt(1 - (k - 1) * e2)
     x = torch.from_numpy(x)
-    exact, worst = x @ x.T, 0.0
-    for j0, g in evaluate.row_of_tiles(x.float(), 0, chunks, 3, 3):
-        error = (g.double() - exact[:, j0:j0 + g.shape[1]]).abs()
-        worst = max(worst, float(error[~error.isnan()].max()))
+    exact = x @ x.T
+    g = evaluate.tile_cosines(x.float(), 0, 0, chunks, 3, 3)
+    error = (g.double() - exact).abs()
+    worst = float(error[~error.isnan()].max())
     bound = evaluate.float32_error_bound(d, chunks)
     assert math.sqrt(k) * 2.0 ** -24 < worst <= bound, (worst, bound)
 
