@@ -18,9 +18,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
-import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -395,8 +395,9 @@ def right_count(threshold, n):
 
 
 # The float32 pass sums each cosine over 16 slices of the dimensions: its error bound, and with it the
-# pairs recomputed in float64, is 3.5x smaller than with 4 slices, at the same speed (measured: the
-# tiles stay in cache while their slices are added).
+# pairs recomputed in float64, is 3.5x smaller than with 4 slices. Measured at 20,000 x 1,664: the same
+# speed on a 2-core AMD EPYC; on a 2-core Intel Xeon the products 0.3 s slower (2.65 s against 2.35),
+# about what the ~330k fewer float64 recomputations save.
 FLOAT32_CHUNKS = 16
 
 
