@@ -424,6 +424,12 @@ def tile_cosines(x32, i0, j0, chunks, rows, cols):
     return g
 
 
+def pass_threads(x32):
+    """How many threads share the pass's tiles (in_threads): torch's count on a CPU; one on a GPU, where
+    the products queue on one stream and each tile is scanned on the host."""
+    return 1 if x32.is_cuda else torch.get_num_threads()
+
+
 def in_threads(work, items, threads):
     """[work(draw) for each of `threads` threads], every thread drawing the items from one shared
     iterator, each thread's torch operations single-threaded. On a CPU, tiles each computed and
@@ -538,7 +544,7 @@ def triangle_pass(x32, windows, pair_i, pair_j, chunks, rows=TILE_ROWS, cols=TIL
     its window, and the pairs inside it (float32 values, flat indices i*n+j). Also the float32
     cosines of the query pairs (pair_i sorted). Each tile is scanned with numpy on the host (a GPU's
     copied there): its comparisons and selections run 3-7x faster than torch's on a CPU. The tiles
-    are shared among `threads` threads (torch's thread count; one on a GPU), see in_threads."""
+    are shared among `threads` threads (None: pass_threads), see in_threads."""
     n = len(x32)
     bounds = {r: (np.float32(lo), np.float32(hi)) for r, (lo, hi) in windows.items()}
     query32 = np.empty(len(pair_i), np.float32)
@@ -558,8 +564,7 @@ def triangle_pass(x32, windows, pair_i, pair_j, chunks, rows=TILE_ROWS, cols=TIL
                 kept[r].append(inside[r])
         return below, kept
 
-    threads = 1 if x32.is_cuda else threads or torch.get_num_threads()
-    shares = in_threads(scan_tiles, triangle_tiles(n, rows, cols), threads)
+    shares = in_threads(scan_tiles, triangle_tiles(n, rows, cols), threads or pass_threads(x32))
     below = {r: sum(share[0][r] for share in shares) for r in windows}
     kept = {r: tuple(map(np.concatenate, zip(*[part for share in shares for part in share[1][r]]))) for r in windows}
     return below, kept, query32

@@ -169,8 +169,8 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
 def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(threads):
     """triangle_pass against the dense upper triangle of the same float32 tiles: per window, the pairs
     below it counted and the pairs inside it kept (values and i*n+j), and the query cosines; small
-    tiles, so that rows and columns of tiles end ragged and the diagonal cuts through tiles; the rows
-    of tiles shared among 1 and 3 threads (more than the cores: nothing counted twice or lost)."""
+    tiles, so that rows and columns of tiles end ragged and the diagonal cuts through tiles; the tiles
+    shared among 1 and 3 threads (more than the cores: nothing counted twice or lost)."""
     rng = np.random.default_rng(5)
     n, rows, cols = 700, 64, 160
     x32 = evaluate.unit_rows(structured_map(rng, n, 24)).float()
