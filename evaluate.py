@@ -409,16 +409,28 @@ def triangle_tiles(n, rows, cols):
     return [(i0, j0) for i0 in range(0, n, rows) for j0 in range(i0, n, cols)]
 
 
+def float32_rows(x64, chunks):
+    """x64 rounded to float32, zero columns appended up to a multiple of `chunks`, so that tile_cosines
+    sums over equal slices (zeros add nothing to a dot product, nor to its rounding error)."""
+    n, d = x64.shape
+    width = -(-d // chunks) * chunks
+    if width == d:
+        return x64.float()
+    x32 = torch.empty(n, width, dtype=torch.float32, device=x64.device)
+    x32[:, :d], x32[:, d:] = x64, 0
+    return x32
+
+
 def tile_cosines(x32, i0, j0, chunks, rows, cols):
     """G = x32[i0:i0+rows] @ x32[j0:j0+cols].T summed over `chunks` slices of the dimensions (see
-    float32_error_bound), the pairs j <= i set to NaN. The tile stays in cache while its slices are
-    added and while the caller scans it."""
-    d = x32.shape[1]
-    k = -(-d // chunks)
+    float32_error_bound; x32 from float32_rows), the pairs j <= i set to NaN. The tile stays in cache
+    while its slices are added and while the caller scans it."""
+    k = x32.shape[1] // chunks
     a, b = x32[i0:i0 + rows], x32[j0:j0 + cols]
-    g = a[:, :k] @ b[:, :k].T
-    for c in range(k, d, k):
-        g.addmm_(a[:, c:c + k], b[:, c:c + k].T)
+    # one call: torch adds the slices' products in C++ (an addmm each on a CPU), where a Python loop
+    # of addmm_ took the lock every thread needs 16 times a tile; the same sums, 0.1-0.15 s less
+    g = torch.addbmm(a.new_empty(len(a), len(b)), a.view(len(a), chunks, k).transpose(0, 1),
+                     b.view(len(b), chunks, k).permute(1, 2, 0), beta=0)
     if j0 == i0:
         g[:, :len(a)].masked_fill_(torch.ones(len(a), len(a), dtype=torch.bool, device=g.device).tril(), float("nan"))
     return g
@@ -542,31 +554,37 @@ TILE_ROWS = TILE_COLS = 512
 def triangle_pass(x32, windows, pair_i, pair_j, chunks, rows=TILE_ROWS, cols=TILE_COLS, threads=None):
     """ONE float32 pass over the upper triangle (triangle_tiles). Per rank r: how many pairs lie below
     its window, and the pairs inside it (float32 values, flat indices i*n+j). Also the float32
-    cosines of the query pairs (pair_i sorted). Each tile is scanned with numpy on the host (a GPU's
+    cosines of the query pairs (pair_i < pair_j). Each tile is scanned with numpy on the host (a GPU's
     copied there): its comparisons and selections run 3-7x faster than torch's on a CPU. The tiles
     are shared among `threads` threads (None: pass_threads), see in_threads."""
     n = len(x32)
     bounds = {r: (np.float32(lo), np.float32(hi)) for r, (lo, hi) in windows.items()}
+    tiles = triangle_tiles(n, rows, cols)
+    # the queries grouped by tile, each at its place in the tile: per tile, one slice and one gather
+    i0 = pair_i // rows * rows
+    j0 = i0 + (pair_j - i0) // cols * cols
+    order = np.argsort(i0 * n + j0, kind="stable")
+    tile_keys = np.array([i * n + j for i, j in tiles], np.int64)
+    starts = np.searchsorted((i0 * n + j0)[order], np.append(tile_keys, n * n))
+    at_in_tile = ((pair_i - i0) * np.minimum(cols, n - j0) + pair_j - j0)[order]
     query32 = np.empty(len(pair_i), np.float32)
-    row_starts = np.searchsorted(pair_i, np.arange(0, n + rows, rows))  # the queries of each row of tiles
 
-    def scan_tiles(tiles):  # one thread's: its counts and kept pairs, its queries written in place
+    def scan_tiles(numbered_tiles):  # one thread's: its counts and kept pairs, its queries written in place
         below, kept = dict.fromkeys(windows, 0), {r: [] for r in windows}
         buffers = np.empty(rows * cols, bool), np.empty(rows * cols, bool)
-        for i0, j0 in tiles:
+        for t, (i0, j0) in numbered_tiles:
             tile = tile_cosines(x32, i0, j0, chunks, rows, cols).cpu().numpy()
-            q = np.arange(row_starts[i0 // rows], row_starts[i0 // rows + 1])
-            q = q[(pair_j[q] >= j0) & (pair_j[q] < j0 + tile.shape[1])]
-            query32[q] = tile[pair_i[q] - i0, pair_j[q] - j0]
+            query32[starts[t]:starts[t + 1]] = tile.reshape(-1)[at_in_tile[starts[t]:starts[t + 1]]]
             counts, inside = scan_tile(tile, i0, j0, n, bounds, *buffers)
             for r in windows:
                 below[r] += counts[r]
                 kept[r].append(inside[r])
         return below, kept
 
-    shares = in_threads(scan_tiles, triangle_tiles(n, rows, cols), threads or pass_threads(x32))
+    shares = in_threads(scan_tiles, enumerate(tiles), threads or pass_threads(x32))
     below = {r: sum(share[0][r] for share in shares) for r in windows}
     kept = {r: tuple(map(np.concatenate, zip(*[part for share in shares for part in share[1][r]]))) for r in windows}
+    query32[order] = query32.copy()  # back to the callers' order
     return below, kept, query32
 
 
@@ -607,13 +625,12 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
     windows 4x wider. Returns {rank: t64}, the float32 query cosines (in the callers' order) and e."""
     n, d = x64.shape
     e = float32_error_bound(d, chunks)
-    x32 = x64.float()
+    x32 = float32_rows(x64, chunks)
     sample = sampled_cosines(x32, sample_rows, seed)
-    order = np.argsort(pair_i, kind="stable")
     found = None
     while found is None:
         windows = rank_windows(ranks, n * (n - 1) // 2, sample, spread, e)
-        below, kept, query32 = triangle_pass(x32, windows, pair_i[order], pair_j[order], chunks)
+        below, kept, query32 = triangle_pass(x32, windows, pair_i, pair_j, chunks)
         found = candidates_of_ranks(windows, below, kept, e)
         spread *= 4
     need = distinct(np.concatenate([f for _, f in found.values()] + [np.zeros(0, np.int64)]))
@@ -621,7 +638,6 @@ def cosine_order_statistics(x64, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, s
     dots = pair_dots(x64, at // n, at % n).cpu().numpy()  # each candidate once, in the order of need
     stats = {r: float(np.sort(dots[np.searchsorted(need, candidates)])[r - count_below])
              for r, (count_below, candidates) in found.items()}
-    query32[order] = query32.copy()  # back to the callers' order
     return stats, query32, e
 
 

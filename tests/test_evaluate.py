@@ -173,7 +173,7 @@ def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(thread
     shared among 1 and 3 threads (more than the cores: nothing counted twice or lost)."""
     rng = np.random.default_rng(5)
     n, rows, cols = 700, 64, 160
-    x32 = evaluate.unit_rows(structured_map(rng, n, 24)).float()
+    x32 = evaluate.float32_rows(evaluate.unit_rows(structured_map(rng, n, 26)), 4)  # padded to 28 columns
     dense = np.full((n, n), np.nan, np.float32)
     for i0, j0 in evaluate.triangle_tiles(n, rows, cols):
         g = evaluate.tile_cosines(x32, i0, j0, 4, rows, cols)
@@ -183,7 +183,7 @@ def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(thread
     # ends on values of the triangle (a pair on each end), one window open, two overlapping
     windows = {10: (-math.inf, edges[0]), 20: (edges[1], edges[2]), 30: (edges[1], edges[3]), 40: (edges[4], edges[5])}
     pair_i, pair_j = np.triu_indices(n, 1)
-    pick = np.sort(rng.choice(len(pair_i), 500, replace=False))
+    pick = rng.choice(len(pair_i), 500, replace=False)  # in no order
     threads_before = torch.get_num_threads()
     below, kept, query32 = evaluate.triangle_pass(x32, windows, pair_i[pick], pair_j[pick], 4, rows, cols, threads)
     assert torch.get_num_threads() == threads_before  # the threads' single-threaded products: undone
@@ -234,7 +234,7 @@ def test_float32_bound_is_approached_on_an_adversarial_input():
     x[:, 0] = math.sqrt(1 - (k - 1) * e2)
     x = torch.from_numpy(x)
     exact = x @ x.T
-    g = evaluate.tile_cosines(x.float(), 0, 0, chunks, 3, 3)
+    g = evaluate.tile_cosines(evaluate.float32_rows(x, chunks), 0, 0, chunks, 3, 3)
     error = (g.double() - exact).abs()
     worst = float(error[~error.isnan()].max())
     bound = evaluate.float32_error_bound(d, chunks)
