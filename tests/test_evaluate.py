@@ -109,14 +109,15 @@ def test_bench_recall_refuses_a_map_without_pairs_or_dimensions(genes, dims):
         bench.recall_figures(genes, dims, ("random",), repeats=1)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e200])
 def test_recall_refuses_features_that_are_not_finite(annotations, bad):
     """A NaN cosine lies below no window and in none, so the order statistics would be counted over
-    fewer pairs than the map has: refused, not scored (it returned numbers before)."""
+    fewer pairs than the map has: refused, not scored (it returned numbers before). A row whose
+    squares overflow float64 has an infinite length: its cosines came out 0 (as scikit-learn's do)."""
     genes = annotated_genes(annotations)[:300]
     features = np.random.default_rng(6).normal(size=(300, 8))
     features[7, 3] = bad
-    with pytest.raises(ValueError, match="features with NaN or inf"):
+    with pytest.raises(ValueError, match="features with NaN or inf, or rows too long to square in float64"):
         evaluate.known_relationship_recall(features, genes, annotations_dir=annotations)
 
 
@@ -156,10 +157,11 @@ def test_order_statistics_exact_even_when_the_sample_misleads():
     """Windows far too narrow to hold their ranks force the repeat path; the float64 order statistics
     must still equal a full sort of every pair's float64 cosine."""
     rng = np.random.default_rng(3)
-    x = evaluate.unit_rows(structured_map(rng, 300, 40))
-    full = np.sort((x @ x.T).numpy()[np.triu_indices(300, 1)])
+    x = torch.from_numpy(structured_map(rng, 300, 40))
+    norms = evaluate.row_norms(x)
+    full = np.sort((x @ x.T / (norms * norms.T)).numpy()[np.triu_indices(300, 1)])
     ranks = [0, 17, 2242, 22425, 44850 - 1]
-    stats, _, _ = evaluate.cosine_order_statistics(x, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64),
+    stats, _, _ = evaluate.cosine_order_statistics(x, norms, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64),
                                                    sample_rows=3, spread=1e-6)
     for r in ranks:
         assert abs(stats[r] - full[r]) < 1e-15
@@ -173,7 +175,9 @@ def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(thread
     shared among 1 and 3 threads (more than the cores: nothing counted twice or lost)."""
     rng = np.random.default_rng(5)
     n, rows, cols = 700, 64, 160
-    x32 = evaluate.float32_rows(evaluate.unit_rows(structured_map(rng, n, 26)), 4)  # padded to 28 columns
+    x = torch.from_numpy(structured_map(rng, n, 26))
+    x32 = evaluate.float32_unit_rows(x, evaluate.row_norms(x), 4)  # padded to 28 columns
+    assert torch.equal(x32, torch.cat([(x / evaluate.row_norms(x)).float(), torch.zeros(n, 2)], 1))
     dense = np.full((n, n), np.nan, np.float32)
     for i0, j0 in evaluate.triangle_tiles(n, rows, cols):
         g = evaluate.tile_cosines(x32, i0, j0, 4, rows, cols)
@@ -212,12 +216,11 @@ def test_float32_bound_holds_on_hard_input():
     large entries (where cancellation is worst)."""
     rng = np.random.default_rng(4)
     base = rng.normal(size=(1, 1664))
-    x = evaluate.unit_rows(base + 1e-3 * rng.normal(size=(400, 1664)))
-    x32 = x.float()
-    g32 = x32[:, :416] @ x32[:, :416].T
-    for c in range(416, 1664, 416):
-        g32.addmm_(x32[:, c:c + 416], x32[:, c:c + 416].T)
-    assert (g32.double() - x @ x.T).abs().max() < evaluate.float32_error_bound(1664, 4)
+    x = torch.from_numpy(base + 1e-3 * rng.normal(size=(400, 1664)))
+    norms = evaluate.row_norms(x)
+    g32 = evaluate.tile_cosines(evaluate.float32_unit_rows(x, norms, 4), 0, 0, 4, 400, 400)
+    error = (g32.double() - x @ x.T / (norms * norms.T)).abs()
+    assert error[~error.isnan()].max() < evaluate.float32_error_bound(1664, 4)
 
 
 def test_float32_bound_is_approached_on_an_adversarial_input():
@@ -234,7 +237,7 @@ def test_float32_bound_is_approached_on_an_adversarial_input():
     x[:, 0] = math.sqrt(1 - (k - 1) * e2)
     x = torch.from_numpy(x)
     exact = x @ x.T
-    g = evaluate.tile_cosines(evaluate.float32_rows(x, chunks), 0, 0, chunks, 3, 3)
+    g = evaluate.tile_cosines(evaluate.float32_unit_rows(x, evaluate.row_norms(x), chunks), 0, 0, chunks, 3, 3)
     error = (g.double() - exact).abs()
     worst = float(error[~error.isnan()].max())
     bound = evaluate.float32_error_bound(d, chunks)
@@ -925,10 +928,12 @@ def test_windows_are_as_wide_as_the_sample_is_uncertain(passes):
     clusters = structured_map(rng, n, 32, clusters=8, scale=3)
     for seed in range(3):
         passes.clear()
-        evaluate.cosine_order_statistics(evaluate.unit_rows(clusters), ranks, none, none, seed=seed)
+        x = torch.from_numpy(clusters)
+        evaluate.cosine_order_statistics(x, evaluate.row_norms(x), ranks, none, none, seed=seed)
         assert len(passes) == 1, f"seed {seed}: {len(passes)} passes"
     passes.clear()
-    evaluate.cosine_order_statistics(evaluate.unit_rows(rng.normal(size=(n, 256))), ranks, none, none)
+    x = torch.from_numpy(rng.normal(size=(n, 256)))
+    evaluate.cosine_order_statistics(x, evaluate.row_norms(x), ranks, none, none)
     kept = passes[0][1]
     assert len(passes) == 1 and max(len(kept[r][0]) for r in ranks) < 0.005 * pairs
 
@@ -963,11 +968,12 @@ def test_a_map_of_equal_cosines_takes_one_pass(passes):
     product) and the pass's (16 slices) differ by up to 2e, so a margin of 2e missed, and as the
     window did not grow, the pass repeated until the spread overflowed (512 passes)."""
     for n, direction in ((60, np.ones(6)), (41, np.arange(1.0, 7.0))):
-        x = evaluate.unit_rows(np.tile(direction, (n, 1)))
-        full = np.sort((x @ x.T).numpy()[np.triu_indices(n, 1)])
+        x = torch.from_numpy(np.tile(direction, (n, 1)))
+        norms = evaluate.row_norms(x)
+        full = np.sort((x @ x.T / (norms * norms.T)).numpy()[np.triu_indices(n, 1)])
         ranks = [0, len(full) // 2, len(full) - 1]
         passes.clear()
-        stats, _, _ = evaluate.cosine_order_statistics(x, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        stats, _, _ = evaluate.cosine_order_statistics(x, norms, ranks, np.zeros(0, np.int64), np.zeros(0, np.int64))
         assert len(passes) == 1 and all(stats[r] == full[r] for r in ranks)
 
 
