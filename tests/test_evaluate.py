@@ -177,7 +177,6 @@ def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(thread
     n, rows, cols = 700, 64, 160
     x = torch.from_numpy(structured_map(rng, n, 26))
     x32 = evaluate.float32_unit_rows(x, evaluate.row_norms(x), 4)  # padded to 28 columns
-    assert torch.equal(x32, torch.cat([(x / evaluate.row_norms(x)).float(), torch.zeros(n, 2)], 1))
     dense = np.full((n, n), np.nan, np.float32)
     for i0, j0 in evaluate.triangle_tiles(n, rows, cols):
         g = evaluate.tile_cosines(x32, i0, j0, 4, rows, cols)
@@ -198,6 +197,26 @@ def test_the_pass_counts_and_keeps_what_a_scan_of_the_whole_triangle_does(thread
         values, flat = kept[r]
         order = np.argsort(flat)
         assert np.array_equal(flat[order], inside) and np.array_equal(values[order], dense.reshape(-1)[inside])
+
+
+def test_float32_unit_rows_are_the_float64_quotients_rounded():
+    """Written block by block from several threads, padded with zero columns: every entry is the float64
+    quotient rounded to float32, as (x / norms).float() gives it."""
+    x = torch.from_numpy(np.random.default_rng(8).normal(size=(2500, 26)) * 100)
+    x[7] = 0  # a zero row stays 0
+    norms = evaluate.row_norms(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        x32 = evaluate.float32_unit_rows(x, norms, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(x32, torch.cat([(x / norms).float(), torch.zeros(2500, 2)], 1))
+    small = x[:300]
+    for _ in range(3):  # memory freed dirty, as torch.empty may hand it out again: the padding is written
+        dirty = torch.full((300, 28), math.nan)
+        del dirty
+        assert torch.equal(evaluate.float32_unit_rows(small, norms[:300], 4)[:, 26:], torch.zeros(300, 2))
 
 
 def test_a_window_that_cuts_the_error_interval_is_a_miss():
