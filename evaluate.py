@@ -528,12 +528,10 @@ def rank_windows(ranks, pairs_total, sample, spread, e):
     flat = sample.reshape(-1)
     position = lambda q, size=values: min(size, max(1, round(q * size))) - 1  # of the q-quantile, sorted
     middle = {r: r / pairs_total for r in ranks}
-    thinned = flat[::16]  # the error near a quantile needs the quantile only roughly
-    ordered = np.partition(thinned, sorted({position(q, len(thinned)) for q in middle.values()}))
-    half = {r: spread * fraction_below_error(sample, ordered[position(q, len(thinned))], q) for r, q in middle.items()}
+    thinned = np.sort(flat[::16])  # the error near a quantile needs the quantile only roughly
+    half = {r: spread * fraction_below_error(sample, thinned[position(q, len(thinned))], q) for r, q in middle.items()}
     quantiles = {r: (q - half[r], q + half[r]) for r, q in middle.items()}
-    inner = sorted({position(q) for pair in quantiles.values() for q in pair if 0 < q < 1})
-    ordered = np.partition(flat, inner) if inner else flat
+    ordered = np.sort(flat)  # numpy's vectorized sort: 10 ms here, np.partition at 8 places 30-50 ms
     windows = {}
     for r, (q_lo, q_hi) in quantiles.items():
         lo = float(ordered[position(q_lo)]) - 4 * e if q_lo > 0 else -math.inf
