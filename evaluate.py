@@ -372,8 +372,8 @@ def float32_error_bound(d, chunks):
     float32 unit rows' dot products summed in `chunks` float32 matrix products of k = ceil(d / chunks)
     dims: rounding the inputs (2u), any order of float32 multiply-adds within a chunk (gamma_k = k u /
     (1 - k u)), one rounding per chunk added, u = 2^-24; 1% to spare; plus the float64 computations'
-    own error (norms, quotients, dot products: 3d 2^-53). Chunking cuts the bound, and so the pairs float32 cannot decide, from ~d u to ~(d/chunks
-    + chunks) u."""
+    own error (norms, quotients, dot products: 3d 2^-53). Chunking cuts the bound, and so the pairs
+    float32 cannot decide, from ~d u to ~(d/chunks + chunks) u."""
     u, k = 2.0 ** -24, -(-d // chunks)
     assert k * u < 0.005, "dimension too large for the float32 pass"
     return 1.01 * (k + chunks + 2) * u + 3 * d * 2.0 ** -53
@@ -416,8 +416,8 @@ def triangle_tiles(n, rows, cols):
 
 def tile_cosines(x32, i0, j0, chunks, rows, cols):
     """G = x32[i0:i0+rows] @ x32[j0:j0+cols].T summed over `chunks` slices of the dimensions (see
-    float32_error_bound; x32 from float32_unit_rows), the pairs j <= i set to NaN. The tile stays in cache
-    while its slices are added and while the caller scans it."""
+    float32_error_bound; x32 from float32_unit_rows), the pairs j <= i set to NaN. The tile stays in
+    cache while its slices are added and while the caller scans it."""
     k = x32.shape[1] // chunks
     a, b = x32[i0:i0 + rows], x32[j0:j0 + cols]
     # one call: torch adds the slices' products in C++ (an addmm each on a CPU), where a Python loop
@@ -623,8 +623,8 @@ def candidates_of_ranks(windows, below, kept, e):
 
 def cosine_order_statistics(x, norms, ranks, pair_i, pair_j, chunks=FLOAT32_CHUNKS, sample_rows=1600, spread=8.0, seed=0):
     """Exact float64 order statistics of the cosines of all N = n(n-1)/2 pairs of rows of x (float64,
-    their lengths `norms` from row_norms; pair_cosines), and the float32 cosines of the query pairs (numpy pair_i < pair_j), from ONE float32 pass
-    over the upper triangle, never holding it.
+    their lengths `norms` from row_norms; pair_cosines), and the float32 cosines of the query pairs
+    (numpy pair_i < pair_j), from ONE float32 pass over the upper triangle, never holding it.
 
     Invariant: every pair's float32 cosine is within e of its float64 one (e = float32_error_bound), so
     the rank-r float64 value is held by a pair within 2e of the rank-r float32 value t32.
@@ -706,7 +706,7 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
         raise ValueError("known_relationship_recall: duplicate labels; aggregate to one row per perturbation first")
     annotations = required_tables(annotations_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
+    x = torch.as_tensor(np.ascontiguousarray(features, np.float64), device=device)  # rows read whole
     norms = row_norms(x)  # finite exactly when each row's entries and the sum of their squares are
     if not torch.isfinite(norms).all():  # a NaN cosine is below no window and in none: the ranks would be wrong
         raise ValueError("known_relationship_recall: features with NaN or inf, or rows too long to square in float64")
