@@ -317,7 +317,7 @@ def matrix_product_seconds(features, device):
     """The floor: recall's float32 matrix products over the upper triangle alone, as its pass runs them
     (evaluate.triangle_pass: the same tiles, shared among the same threads)."""
     rows, cols, chunks = evaluate.TILE_ROWS, evaluate.TILE_COLS, evaluate.FLOAT32_CHUNKS
-    x = torch.as_tensor(features, device=device)
+    x = evaluate.float64_rows(features, device)  # as recall reads the map
     x32 = evaluate.float32_unit_rows(x, evaluate.row_norms(x), chunks)
 
     def products(tiles):

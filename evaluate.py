@@ -575,9 +575,9 @@ def triangle_pass(x32, windows, pair_i, pair_j, chunks, rows=TILE_ROWS, cols=TIL
     # the queries grouped by tile, each at its place in the tile: per tile, one slice and one gather
     i0 = pair_i // rows * rows
     j0 = i0 + (pair_j - i0) // cols * cols
-    order = np.argsort(i0 * n + j0, kind="stable")
-    tile_keys = np.array([i * n + j for i, j in tiles], np.int64)
-    starts = np.searchsorted((i0 * n + j0)[order], np.append(tile_keys, n * n))
+    keys = i0 * n + j0
+    order = np.argsort(keys, kind="stable")
+    starts = np.searchsorted(keys[order], np.append([i * n + j for i, j in tiles], n * n))
     at_in_tile = ((pair_i - i0) * np.minimum(cols, n - j0) + pair_j - j0)[order]
     query32 = np.empty(len(pair_i), np.float32)
 
@@ -679,9 +679,14 @@ def row_norms(x):
     return torch.where(norm < 10 * torch.finfo(torch.float64).eps, 1.0, norm)
 
 
+def float64_rows(features, device="cpu"):
+    """The map as a C-contiguous float64 tensor on `device` (pair_dots reads rows whole)."""
+    return torch.as_tensor(np.ascontiguousarray(features, np.float64), device=device)
+
+
 def unit_rows(features, device="cpu"):
     """Rows scaled to unit length in float64, as scikit-learn's cosine_similarity does (zero rows stay 0)."""
-    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
+    x = float64_rows(features, device)
     return x / row_norms(x)
 
 
@@ -706,7 +711,7 @@ def known_relationship_recall(features, labels, sources=SOURCES, thresholds=THRE
         raise ValueError("known_relationship_recall: duplicate labels; aggregate to one row per perturbation first")
     annotations = required_tables(annotations_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    x = torch.as_tensor(np.ascontiguousarray(features, np.float64), device=device)  # rows read whole
+    x = float64_rows(features, device)
     norms = row_norms(x)  # finite exactly when each row's entries and the sum of their squares are
     if not torch.isfinite(norms).all():  # a NaN cosine is below no window and in none: the ranks would be wrong
         raise ValueError("known_relationship_recall: features with NaN or inf, or rows too long to square in float64")
