@@ -208,6 +208,13 @@ class ParallelBlock(nn.Module):
         return x + drop_path(self.ls(y), self.drop_path, self.training).to(x.dtype)
 
 
+class DecoderBlock(SequentialBlock):
+    """The decoder's block: a sequential block under a class of its own, so that compiled, the decoder's
+    graphs (another width) are kept apart from those of an encoder made of sequential blocks."""
+    def forward(self, x):
+        return super().forward(x)
+
+
 class MAE(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
@@ -233,7 +240,7 @@ class MAE(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dec_dim))
             self.dec_channel_embed = nn.Parameter(torch.zeros(c.max_chans, c.dec_dim)) if c.channel_agnostic else None
             self.dec_blocks = nn.ModuleList(
-                SequentialBlock(c.dec_dim, c.dec_heads, c.dec_mlp_dim, eps=c.norm_eps) for _ in range(c.dec_depth))
+                DecoderBlock(c.dec_dim, c.dec_heads, c.dec_mlp_dim, eps=c.norm_eps) for _ in range(c.dec_depth))
             self.dec_norm = nn.LayerNorm(c.dec_dim, eps=c.norm_eps)
             self.dec_pred = nn.Linear(c.dec_dim, c.patch_size ** 2 * (1 if c.channel_agnostic else c.in_chans))
             self.register_buffer("dec_pos_embed", torch.empty(self.grid ** 2, c.dec_dim), persistent=False)
@@ -485,7 +492,8 @@ class MAE(nn.Module):
             + 2 * linear_weights([self.dec_pred]) * T + 4 * len(self.dec_blocks) * c.dec_dim * Td ** 2
         return 2 * patch + 3 * (enc + dec)
 
-    def memory_per_device(self, batch_size, world_size=1, activation_checkpointing=False, optimizer_states=1, chans=None):
+    def memory_per_device(self, batch_size, world_size=1, activation_checkpointing=False, optimizer_states=1, chans=None,
+                          micro_steps=1):
         """An estimate of one device's training memory in bytes under FSDP over world_size devices, bf16
         compute: fp32 weights, gradients and optimizer states (Lion keeps 1 per weight, AdamW 2) sharded;
         two blocks gathered in bf16 (the one computing and the one prefetched); and the activations the
@@ -493,9 +501,11 @@ class MAE(nn.Module):
         fp32 residual input and, in bf16, the norms, the fused projection, q/k norms, attention and MLP
         outputs: 20 D + 6 MLP bytes for a parallel block, 20 D + 4 MLP for a sequential one (8 D more with
         its two LayerScales), 4 D more with QK-norm. With activation checkpointing only each block's input
-        is kept, plus one block's worth during its recomputation. The standardized input and the loss' tensors add ~22 bytes per
-        pixel and channel (measured the same way). Kernels' workspaces and the allocator's slack are not
-        counted: keep ~20% free."""
+        is kept, plus one block's worth during its recomputation. The standardized input and the loss' tensors
+        add ~22 bytes per pixel and channel (measured the same way). Accumulating micro_steps > 1, FSDP2
+        holds every parameter's unsharded fp32 gradient between micro-steps (gradient sync is off until the
+        last one: one reduce-scatter a step, not one a micro-step). Kernels' workspaces and the allocator's
+        slack are not counted: keep ~20% free."""
         c = self.config
         T = self.tokens_per_crop(chans)
         stacks = [(self.blocks, T - round(c.mask_ratio * T) + 1)] + ([(self.dec_blocks, T + 1)] if c.dec_depth else [])
@@ -509,7 +519,8 @@ class MAE(nn.Module):
         block_params = max(sum(p.numel() for p in b.parameters()) for blocks, _ in stacks for b in blocks)
         n = self.num_params(encoder_only=False)
         return dict(weights=4 * n / world_size, gradients=4 * n / world_size, optimizer=4 * optimizer_states * n / world_size,
-                    gathered=2 * 2 * block_params, activations=loss + (inputs + max(full) if activation_checkpointing else sum(full)))
+                    gathered=2 * 2 * block_params, accumulation=4 * n if micro_steps > 1 else 0,
+                    activations=loss + (inputs + max(full) if activation_checkpointing else sum(full)))
 
     def param_groups(self, weight_decay):
         """Weight decay on matrices only: not on norms, biases, LayerScale, tokens or channel tables."""
@@ -517,6 +528,17 @@ class MAE(nn.Module):
         decay = lambda n, p: p.ndim >= 2 and n not in no_decay
         return [{"params": [p for n, p in self.named_parameters() if decay(n, p)], "weight_decay": weight_decay},
                 {"params": [p for n, p in self.named_parameters() if not decay(n, p)], "weight_decay": 0.0}]
+
+
+# bf16 dense peak FLOP/s of a GPU, for MFU; the most specific name first: an H100 NVL's name contains "H100" too
+PEAK_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+              ("A100", 312e12))
+
+
+def peak_flops_of(device_name):
+    """This GPU's bf16 dense peak from its name (torch.cuda.get_device_name()); None if not in PEAK_FLOPS."""
+    name = device_name.replace(" ", "")
+    return next((peak for key, peak in PEAK_FLOPS if key.replace(" ", "") in name), None)
 
 
 def save_consolidated(path, config, state_dict, **extra):
@@ -574,6 +596,7 @@ if __name__ == "__main__":
     parser.add_argument("--memory", metavar="PRESET", choices=sorted(PRESETS), help="print this preset's memory per device")
     parser.add_argument("--batch_size", type=int, default=32, help="crops per device per micro-step")
     parser.add_argument("--world_size", type=int, default=8, help="devices the FSDP shards are spread over")
+    parser.add_argument("--micro_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     parser.add_argument("--activation_checkpointing", action="store_true", help="recompute each block in the backward")
     parser.add_argument("--optimizer", choices=["lion", "adamw"], default="lion", help="lion keeps 1 state per weight, adamw 2")
     parser.add_argument("--channel_agnostic", action="store_true", help="CA tokenization of 6 channels (--memory)")
@@ -582,8 +605,8 @@ if __name__ == "__main__":
         with torch.device("meta"):
             m = MAE(MAEConfig.from_preset(args.memory, channel_agnostic=args.channel_agnostic))
         parts = m.memory_per_device(args.batch_size, args.world_size, args.activation_checkpointing,
-                                    1 if args.optimizer == "lion" else 2)
-        print(f"{args.memory}: {args.batch_size} crops per device, FSDP over {args.world_size}, {args.optimizer}, "
+                                    1 if args.optimizer == "lion" else 2, micro_steps=args.micro_steps)
+        print(f"{args.memory}: {args.batch_size} crops per device x {args.micro_steps} micro-steps, FSDP over {args.world_size}, {args.optimizer}, "
               f"activation checkpointing {'on' if args.activation_checkpointing else 'off'} (an estimate: see memory_per_device)")
         for name, value in parts.items():
             print(f"  {name:12} {value / 2 ** 30:7.1f} GiB")

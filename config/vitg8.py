@@ -16,7 +16,8 @@ warmup_frac = 0.1
 global_batch = 8192
 batch_size = 32
 max_steps = 976_562   # 500 epochs x 16M images / 8,192; set from your dataset
-# Memory per GPU at batch 32 over 8 GPUs (python model.py --memory vitg8 --batch_size 32 --world_size 8): ~40 GiB
-# without recomputation (~7 GiB with), so on 80 GB GPUs the blocks are not recomputed: recomputation costs ~25%
-# of the step. Turn it on (--activation_checkpointing=True) below 64 GB or for a larger batch.
+# Memory per GPU at batch 32 over 8 GPUs, 32 micro-steps (python model.py --memory vitg8 --batch_size 32
+# --world_size 8 --micro_steps 32): ~47 GiB without recomputation (~14 GiB with; 7 GiB of either is the
+# unsharded gradients accumulated between micro-steps), so on 80 GB GPUs the blocks are not recomputed:
+# recomputation costs ~25% of the step. Turn it on (--activation_checkpointing=True) below 64 GB or for a larger batch.
 activation_checkpointing = False
