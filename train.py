@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import CropDataset, Loader, write_atomic
-from model import MAE, MAEConfig, save_consolidated, standardize
+from model import MAE, MAEConfig, peak_flops_of, save_consolidated, standardize
 
 # model
 preset = "vits16"           # a key of model.PRESETS; MAEConfig fields set here override it
@@ -73,13 +73,13 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype:
 sdpa_backend = ""           # "" lets PyTorch choose; or "flash", "efficient", "cudnn", "math" (CPU: flash, math)
 # checkpoints and logs
 out_dir = "out/train"       # checkpoints, model.pt, logs and pictures
-ckpt_interval = 100         # steps between checkpoints (and one at the end)
+ckpt_interval = 100         # steps between checkpoints (and one at the end); 0 = none, and no model.pt (a benchmark)
 keep_ckpts = 2              # the newest this many checkpoints are kept, older ones deleted (1 or more)
 log_interval = 10           # steps between log lines
 log_file = "log.jsonl"      # in out_dir: a JSON line per logged step ("" = none)
 snapshot_interval = 0       # steps between reconstruction pictures (input | masked | prediction), 0 = none
 seed = 1337                 # initialization, data order, masks and stochastic depth
-peak_flops = 989e12         # per device, for MFU: H100 SXM bf16 dense (H100 PCIe 756e12, H200 989e12, A100 312e12)
+peak_flops = 0.0            # per device, for MFU; 0 = this GPU's bf16 dense peak from model.PEAK_FLOPS
 
 model_fields = {f.name: f.default for f in fields(MAEConfig)}
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
@@ -96,10 +96,10 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 def check_settings():
     """Settings that cannot train, refused in one line before anything is built."""
     problems = [f"{key} must be 1 or more, got {value}" for key, value in
-                dict(batch_size=batch_size, global_batch=global_batch, ckpt_interval=ckpt_interval,
-                     keep_ckpts=keep_ckpts, log_interval=log_interval, max_bad_steps=max_bad_steps).items() if value < 1]
-    if max_steps < 0:
-        problems.append(f"max_steps must be 0 or more, got {max_steps}")
+                dict(batch_size=batch_size, global_batch=global_batch, keep_ckpts=keep_ckpts, log_interval=log_interval,
+                     max_bad_steps=max_bad_steps).items() if value < 1]
+    problems += [f"{key} must be 0 or more, got {value}" for key, value in
+                 dict(max_steps=max_steps, ckpt_interval=ckpt_interval).items() if value < 0]
     if model_config.dim % model_config.heads or model_config.dec_dim % model_config.dec_heads:
         problems.append(f"heads must divide the width: dim {model_config.dim} / heads {model_config.heads}, "
                         f"dec_dim {model_config.dec_dim} / dec_heads {model_config.dec_heads}")
@@ -146,9 +146,10 @@ class Lion(torch.optim.Optimizer):
             lr, (beta1, beta2), decay = group["lr"], group["betas"], 1 - group["lr"] * group["weight_decay"]
             mix = 1 - beta2  # the momentum's step toward the gradient
             if self.found_inf is not None:  # a skipped step is lr 0 and mix 0, its gradients zeroed (NaN * 0 is NaN)
-                keep = 1 - local_shard(self.found_inf)
+                skip = local_shard(self.found_inf).bool()  # the mask once, not once per gradient
                 for g in grads:
-                    g.masked_fill_(keep == 0, 0)  # in place: a pass over the gradient, no copy
+                    g.masked_fill_(skip, 0)  # in place: a pass over the gradient, no copy
+                keep = (~skip).float()
                 lr, decay, mix = lr * keep, 1 - lr * keep * group["weight_decay"], mix * keep
             if self.foreach or (self.foreach is None and weights[0].is_cuda):
                 torch._foreach_mul_(weights, decay)
@@ -156,7 +157,11 @@ class Lion(torch.optim.Optimizer):
                 torch._foreach_sign_(update)
                 torch._foreach_mul_(update, -lr)
                 torch._foreach_add_(weights, update)
-                torch._foreach_lerp_(momenta, grads, [mix] * len(grads) if torch.is_tensor(mix) else mix)
+                del update
+                # m += mix (g - m): lerp with a tensor weight has no fused kernel (one launch per tensor)
+                toward = torch._foreach_sub(grads, momenta)
+                torch._foreach_mul_(toward, mix)
+                torch._foreach_add_(momenta, toward)
                 continue
             for w, g, m in zip(weights, grads, momenta):
                 w.mul_(decay)
@@ -238,7 +243,11 @@ def block_precision():
 
 
 def parallelize(model, world_size=1):
-    """Activation checkpointing -> compile -> shard, in torchtitan's order; the model is still on meta."""
+    """Activation checkpointing -> compile -> shard, in torchtitan's order; the model is still on meta.
+    Compiled with fullgraph, a block class past dynamo's 8 graphs is an error: a run makes at most 4
+    (the first block without stochastic depth, then the rate dynamic; the first token count, then the
+    count dynamic under channel_sampling), as the snapshot runs eagerly and the decoder's blocks have
+    a class of their own."""
     model.activation_checkpointing = activation_checkpointing
     blocks = list(model.blocks) + list(model.dec_blocks)
     if compile == "blocks":
@@ -255,6 +264,12 @@ def parallelize(model, world_size=1):
     if compile == "model":
         model.compile(backend=compile_backend)
     return model
+
+
+def step_module(model):
+    """What each micro-step calls: under DDP its wrapper, which does not broadcast the buffers before
+    every forward (the only ones are the fixed sin-cos tables, the same on every rank)."""
+    return DistributedDataParallel(model, forward_sync_buffers=False) if parallel == "ddp" else model
 
 
 # ---- checkpoints: torch.distributed.checkpoint directories, any world size on reload --------------
@@ -287,14 +302,21 @@ def checkpoint_problem(path):
 
 def resume_point(rank):
     """The newest complete checkpoint in out_dir (None for a new run); newer damaged ones are named and
-    passed over. Resuming trusts what is on disk: `latest` is written for people and tools."""
-    for path in sorted(Path(out_dir).glob("ckpt_???????"), reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        if rank == 0:
+    passed over. Resuming trusts what is on disk: `latest` is written for people and tools. Rank 0
+    decides and tells the others: on a shared filesystem after a crash, nodes can list out_dir
+    differently (attribute caches, a rename just before the kill), and ranks resuming from different
+    checkpoints would mix shards and hang."""
+    choice = [None]
+    if rank == 0:
+        for path in sorted(Path(out_dir).glob("ckpt_???????"), reverse=True):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                choice = [str(path)]
+                break
             print(f"warning: {path} cannot be resumed from ({problem}); falling back to an earlier checkpoint")
-    return None
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
 
 
 def resume_changes(path, datasets):
@@ -432,7 +454,8 @@ def snapshot(model, x, rows, step, write, crops=4):
     visible ones (as the MAE paper shows them). Small crops are enlarged."""
     model.eval()
     x = x[:crops]
-    _, pred, mask = model(x, rows)
+    with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for eval, no_grad and 4 crops
+        _, pred, mask = model(x, rows)
     target = standardize(x)
     recon = model.unpatchify(pred.float(), x.shape[1])
     patch_mask = model.unpatchify(mask[..., None].expand_as(pred).float(), x.shape[1])
@@ -481,7 +504,7 @@ def main():
     if rank == 0:
         print(f"MAE: encoder {model.num_params() / 1e6:.2f}M params, total {model.num_params(False) / 1e6:.2f}M | "
               f"{parallel} on {world_size} x {device} | micro-batch {batch_size} x {accum_steps} accumulation")
-    step_model = DistributedDataParallel(model) if parallel == "ddp" else model
+    step_model = step_module(model)
     opt = make_optimizer(model)
     start = 0
     if resume_from:
@@ -500,8 +523,9 @@ def main():
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype),
                               enabled=dtype != "float32" and parallel in ("none", "ddp"))  # FSDP casts by its policy
     attention = lambda: sdpa_kernel(SDPA_BACKENDS[sdpa_backend]) if sdpa_backend else nullcontext()  # one per use
-    crop_chans = datasets[0].channels
-    flops_per_step = model.flops_per_crop(crop_chans) * global_batch / world_size  # per device
+    peak = peak_flops or (peak_flops_of(torch.cuda.get_device_name(device)) if device.startswith("cuda") else None)
+    costs = {}  # (matmul FLOPs, tokens) of a crop by its channel count: channel_sampling and mixed screens vary it
+    work = dict(flops=0.0, tokens=0)  # this rank's since the last log line
     log_path = Path(out_dir) / log_file if log_file and rank == 0 else None
     if log_path:
         trim_log(log_path, start)
@@ -526,8 +550,13 @@ def main():
             x, d = next(loader)
             rows = channel_rows[d]  # which channel-table rows the decoder (and a channel_embed) uses
             if channel_sampling:  # the tokens, masking and loss of the kept channels only
-                kept = sampled_channels(step, x.shape[1]).to(x.device)
+                kept = sampled_channels(step, x.shape[1])
+                kept = kept.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else kept  # no host sync
                 x, rows = x[:, kept], rows[kept]
+            if x.shape[1] not in costs:
+                costs[x.shape[1]] = model.flops_per_crop(x.shape[1]), model.tokens_per_crop(x.shape[1])
+            work["flops"] += costs[x.shape[1]][0] * len(x)
+            work["tokens"] += costs[x.shape[1]][1] * len(x)
             last = m == accum_steps - 1
             if parallel in ("fsdp", "hsdp"):
                 model.set_requires_gradient_sync(last)
@@ -554,7 +583,7 @@ def main():
             counts.copy_(torch.stack([(counts[0] + 1) * ~finite, counts[1] + ~finite, counts[2] + finite]))
             done = step + 1
             progress.update()
-            checkpoint_due = done % ckpt_interval == 0 or done == max_steps
+            checkpoint_due = ckpt_interval > 0 and (done % ckpt_interval == 0 or done == max_steps)
             if step % log_interval == 0 or checkpoint_due:
                 in_a_row, skipped, trained = counts.tolist()  # the host reads the device here only
                 counts[1:] = 0
@@ -570,15 +599,18 @@ def main():
                 if distributed:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 loss_value = loss_sum.item() / accum_steps
-                dt = (time.perf_counter() - last_log[1]) / (done - last_log[0])  # seconds per step since the last log
+                elapsed = time.perf_counter() - last_log[1]
+                dt = elapsed / (done - last_log[0])  # seconds per step since the last log
                 memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else 0.0
                 record = dict(step=step, loss=loss_value, lr=lr_at(step), grad_norm=grad_norm.item(), dt=dt,
-                              crops_per_s=global_batch / dt, tokens_per_s=global_batch * model.tokens_per_crop(crop_chans) / dt,
-                              mfu=flops_per_step / dt / peak_flops, memory_gib=memory)
+                              crops_per_s=global_batch / dt, tokens_per_s=work["tokens"] * world_size / elapsed,
+                              mfu=work["flops"] / elapsed / peak if peak else None, memory_gib=memory)
+                work.update(flops=0.0, tokens=0)
                 if rank == 0:
+                    mfu = f"{record['mfu'] * 100:.2f}%" if peak else "-"
                     tqdm.write(f"step {step:6d} | loss {loss_value:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} | "
                                f"{dt * 1000:.0f} ms | {record['crops_per_s']:.1f} crops/s | {record['tokens_per_s']:.0f} tokens/s | "
-                               f"MFU {record['mfu'] * 100:.2f}% | {memory:.1f} GiB")
+                               f"MFU {mfu} | {memory:.1f} GiB")
                     if log:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
@@ -597,7 +629,8 @@ def main():
         loader.close()
     if log and (span := write_loss_curve(Path(out_dir) / "loss.png", log_path)):
         print(f"{Path(out_dir) / 'loss.png'}: the loss from {span[1]:.3g} to {span[0]:.3g} (log scale)")
-    export(model, max_steps, rank)
+    if ckpt_interval:
+        export(model, max_steps, rank)
     if distributed:
         dist.destroy_process_group()
         # Everything is written (checkpoints and model.pt by rename, the log flushed). Skip the
