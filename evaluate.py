@@ -23,6 +23,7 @@ import time
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +51,22 @@ def well_table(dataset):
     return well_of_crop.reshape(-1), [{c: rows[i][c] for c in columns} for i in first]
 
 
+# An embedding's ranks can finish hours apart (a slow disk, a busy node): the last barrier waits for them
+EMBED_TIMEOUT = timedelta(hours=24)
+
+
 def torchrun_rank():
-    """(rank, world size) of this process: under torchrun its process group is started here (NCCL with
-    GPUs, else gloo); a plain run is (0, 1)."""
+    """(rank, world size) of this process: under torchrun its process group is started here (NCCL on
+    this rank's own GPU, else gloo); a plain run is (0, 1)."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(gpu)  # else every rank opens a context on GPU 0
+            dist.init_process_group("nccl", device_id=gpu, timeout=EMBED_TIMEOUT)
+        else:
+            dist.init_process_group("gloo", timeout=EMBED_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -70,13 +80,28 @@ def barrier():
         dist.barrier()
 
 
+def prefetched(batches, read, device):
+    """(ids, crops on the device) for each batch of crop ids: the next batch is read from disk (into
+    pinned memory on a GPU) on a thread while this one computes, and copied without a host sync."""
+    pinned = device.type == "cuda"
+    load = lambda ids: torch.from_numpy(read(ids)).pin_memory() if pinned else torch.from_numpy(read(ids))
+    with ThreadPoolExecutor(1) as reader:
+        coming = reader.submit(load, batches[0]) if batches else None
+        for i, ids in enumerate(batches):
+            crops = coming.result()
+            if i + 1 < len(batches):
+                coming = reader.submit(load, batches[i + 1])
+            yield ids, crops.to(device, non_blocking=pinned)
+
+
 @torch.no_grad()
 def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_dtype=np.float16, table=None):
     """Average encode(crops) -> [K, B, D] (e.g. model.embed(x, blocks): K blocks from ONE pass) over
     each well's crops. Written as store_dtype [K, wells, D] to out_path (memory-mappable, under a
     temporary name until complete): only one batch of crops and one partial well are ever in memory.
     Under torchrun each rank embeds a contiguous run of whole wells (as many crops each as the ranks
-    share evenly) and writes their means into the one file, so the ranks' sums never meet and the
+    share evenly) into a file of its own (ranks on several nodes writing one shared file would write
+    back each other's boundary pages), which rank 0 then joins; the ranks' sums never meet, so the
     result is the one-process result (up to the batches' float rounding). table: well_table(dataset),
     when the caller has read it already. Returns the memory map and the wells' metadata rows."""
     rank, world_size = torchrun_rank()
@@ -85,38 +110,53 @@ def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_d
     counts = np.bincount(well_of_crop, minlength=len(wells))
     ends = np.cumsum(counts)                           # position in `order` after each well's last crop
     owner = np.minimum((ends - counts) * world_size // len(order), world_size - 1)  # the rank of each well
-    mine = np.flatnonzero(owner == rank)
+    firsts = np.searchsorted(owner, np.arange(world_size + 1))  # rank r owns wells firsts[r]:firsts[r + 1]
+    mine = np.arange(firsts[rank], firsts[rank + 1])
     device = torch.device(device)
-    encode_batch = lambda ids: encode(torch.from_numpy(dataset.crops(ids)).to(device)).float()
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    with autocast():
+        blocks, _, dims = encode(torch.from_numpy(dataset.crops(order[:1])).to(device)).shape  # every rank alike
     tmp = Path(f"{out_path}.tmp.npy")
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        blocks, _, dims = encode_batch(order[:1]).shape  # the file's shape, known to every rank alike
-    if rank == 0:
-        np.lib.format.open_memmap(tmp, "w+", store_dtype, (blocks, len(wells), dims)).flush()
-    barrier()
-    out = np.lib.format.open_memmap(tmp, "r+")
+    part = tmp if world_size == 1 else Path(f"{out_path}.part{rank}.npy")
+    part_tmp = part if world_size == 1 else Path(f"{out_path}.part{rank}.tmp.npy")
+    out = np.lib.format.open_memmap(part_tmp, "w+", store_dtype, (blocks, len(mine), dims))
     offset = int(ends[mine[0]] - counts[mine[0]]) if len(mine) else 0  # where this rank's crops start in `order`
     span = order[offset:ends[mine[-1]]] if len(mine) else order[:0]
+    batches = [span[start:start + batch_size] for start in range(0, len(span), batch_size)]
     carry = None                                       # (well, summed embeddings [K, D]) of a well cut by a batch
-    for start in tqdm(range(0, len(span), batch_size), desc="embed", unit="batch", disable=rank != 0):
-        ids = span[start:start + batch_size]
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            z = encode_batch(ids)                      # [K, B, D]
+    written = offset
+    for ids, crops in tqdm(prefetched(batches, dataset.crops, device), total=len(batches), desc="embed", unit="batch",
+                           disable=rank != 0):
+        with autocast():
+            z = encode(crops).float()                  # [K, B, D]
         w = torch.from_numpy(well_of_crop[ids])
         first = int(w[0])
         sums = torch.zeros(z.shape[0], int(w[-1]) - first + 1, z.shape[2], device=device)
-        sums.index_add_(1, (w - first).to(device), z)
+        sums.index_add_(1, (w - first).to(device, non_blocking=True), z)
         if carry is not None and carry[0] == first:
             sums[:, 0] += carry[1]
-        done = sums.shape[1] - int(ends[int(w[-1])] > offset + start + len(ids))  # is the last well complete?
-        means = sums[:, :done] / torch.from_numpy(counts[first:first + done]).to(device)[None, :, None]
-        out[:, first:first + done] = means.cpu().numpy().astype(store_dtype)
+        written += len(ids)
+        done = sums.shape[1] - int(ends[int(w[-1])] > written)  # is the last well complete?
+        means = sums[:, :done] / torch.from_numpy(counts[first:first + done]).to(device, non_blocking=True)[None, :, None]
+        local = first - firsts[rank]
+        out[:, local:local + done] = means.cpu().numpy().astype(store_dtype)
         carry = (first + done, sums[:, done]) if done < sums.shape[1] else None
     out.flush()
     del out
+    if world_size > 1:
+        part_tmp.replace(part)
     barrier()  # every rank's wells are written
+    if rank == 0 and world_size > 1:
+        whole = np.lib.format.open_memmap(tmp, "w+", store_dtype, (blocks, len(wells), dims))
+        for r in range(world_size):
+            piece = Path(f"{out_path}.part{r}.npy")
+            whole[:, firsts[r]:firsts[r + 1]] = np.load(piece, mmap_mode="r")
+        whole.flush()
+        del whole
     if rank == 0:
         tmp.replace(out_path)
+        for r in range(world_size if world_size > 1 else 0):
+            Path(f"{out_path}.part{r}.npy").unlink()
     barrier()
     return np.load(out_path, mmap_mode="r"), wells
 
@@ -134,7 +174,8 @@ def channel_encoder(model, dataset, keep, blocks):
     kept = torch.tensor([names.index(n) for n in keep])
     if not model.config.channel_agnostic:
         blank = torch.tensor([i for i, n in enumerate(names) if n not in keep], dtype=torch.long)
-        return lambda x: model.embed(x.index_fill(1, blank.to(x.device), 0), blocks)
+        blank_on = functools.cache(blank.to)  # copied to the device once, not once a batch
+        return lambda x: model.embed(x.index_fill(1, blank_on(x.device), 0), blocks)
     rows = None
     if model.channel_embed is not None:
         vocabulary = list(model.config.channel_names) or names
@@ -143,7 +184,8 @@ def channel_encoder(model, dataset, keep, blocks):
             raise SystemExit(f"{dataset.root}: the model's channel table has no row for {', '.join(unseen)} "
                              f"(it knows {', '.join(vocabulary)})")
         rows = torch.tensor([vocabulary.index(n) for n in keep])
-    return lambda x: model.embed(x[:, kept.to(x.device)], blocks, rows)
+    kept_on = functools.cache(kept.to)  # copied to the device once, not once a batch
+    return lambda x: model.embed(x[:, kept_on(x.device)], blocks, rows)
 
 
 def finish_embedding():
