@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +58,14 @@ import data
 import evaluate
 import synth
 from data import random_dataset
-from model import MAE, MAEConfig, build, save_consolidated
+from model import MAE, MAEConfig, build, peak_flops_of, save_consolidated
 
 ROOT = Path(__file__).resolve().parent
-PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def device_peak_flops():
-    """bf16 dense peak of this GPU from the table above (None on a CPU or an unknown GPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_FLOPS.items() if key.replace(" ", "") in name.replace(" ", "")), None)
+    """bf16 dense peak of this GPU (model.PEAK_FLOPS; None on a CPU or an unknown GPU)."""
+    return peak_flops_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def hf_model(config):
@@ -130,42 +127,43 @@ def compare_with_hf(preset, batch_size, steps, device, dtype, compile):
         print(f"{name:24} {seconds:8.3f} {batch_size / seconds:8.1f} {reference / seconds:21.2f}x")
 
 
-def train_figures(runs, parallel="none", steps=8):
-    """Run train.py on 256x256x6 random crops for each (preset, batch size, extra settings) of runs, e.g.
-    ("vits16-ca", 64, ["--compile=blocks"]) (-ca: channel-agnostic); print its throughput from its log
-    (the median step after the first three, which compile and warm up)."""
-    batch = max(b for _, b, _ in runs)
+def train_figures(runs, parallel="none", steps=8, crops=None, overrides=()):
+    """Run train.py on 256x256x6 random crops (or `crops`, a prepared dataset) for each (preset, batch
+    size, extra settings) of runs, e.g. ("vits16-ca", 64, ["--compile=blocks"]) (-ca: channel-agnostic);
+    print its throughput from its log (the median step after the first three, which compile and warm
+    up). No checkpoint and no model.pt are written (ckpt_interval 0). overrides: more settings for every
+    run (the GPU bench's dry run: tiny sizes on the CPU)."""
     with tempfile.TemporaryDirectory() as tmp:
-        crops = random_dataset(Path(tmp) / "random", crops=max(512, 2 * batch))
-        peak = device_peak_flops()
+        crops = crops or random_dataset(Path(tmp) / "random", crops=max(512, 2 * max(b for _, b, _ in runs)))
+        peak = device_peak_flops() if "--device=cpu" not in overrides else None
         print(f"\ntrain.py, {parallel}, {steps} steps, {torch.cuda.get_device_name() if peak else 'cpu'}"
-              f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16)")
+              f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16)", flush=True)
         print(f"{'preset':10} {'settings':32} {'batch':>5} {'steps/s':>8} {'crops/s':>8} {'tokens/s':>10} {'MFU':>6} {'memory GiB':>11}")
         for i, (label, batch_size, extra) in enumerate(runs):
             out = Path(tmp) / f"run{i}"
             args = [f"--preset={label.removesuffix('-ca')}", f"--channel_agnostic={label.endswith('-ca')}", f"--data={crops}",
                     f"--out_dir={out}", f"--max_steps={steps}", f"--batch_size={batch_size}", f"--global_batch={batch_size}",
-                    f"--parallel={parallel}", "--log_interval=1", f"--ckpt_interval={10 ** 9}", f"--peak_flops={peak or 1.0}"] + extra
+                    f"--parallel={parallel}", "--log_interval=1", "--ckpt_interval=0", *overrides, *extra]
             launcher = [sys.executable] if parallel == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
             run = subprocess.run(launcher + [str(ROOT / "train.py")] + args, capture_output=True, text=True)
             shown = " ".join(extra) or "eager"
             if run.returncode != 0:
-                print(f"{label:10} {shown:32} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+                print(f"{label:10} {shown:32} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
             log = [json.loads(line) for line in open(out / "log.jsonl")][3:]
             dt = sorted(r["dt"] for r in log)[len(log) // 2]
             r = log[-1]
-            mfu = f"{r['mfu'] * 100:5.1f}%" if peak else "    -"
+            mfu = f"{r['mfu'] * 100:5.1f}%" if r["mfu"] is not None else "    -"
             print(f"{label:10} {shown:32} {batch_size:5d} {1 / dt:8.2f} {batch_size / dt:8.1f} {r['tokens_per_s'] * r['dt'] / dt:10.0f} "
-                  f"{mfu:>6} {r['memory_gib']:11.1f}")
+                  f"{mfu:>6} {r['memory_gib']:11.1f}", flush=True)
 
 
-def sdpa_backend_that_runs(config, batch_size, dtype=torch.bfloat16):
-    """Which kernel PyTorch picks for this model's attention (its encoder's shapes on this GPU), read off
-    the profiler's operator names."""
+def sdpa_backend_that_runs(config, batch_size, device="cuda", dtype=torch.bfloat16):
+    """Which kernel PyTorch picks for this model's attention (its encoder's shapes on this device), read
+    off the profiler's operator names."""
     tokens = (config.img_size // config.patch_size) ** 2 * (6 if config.channel_agnostic else 1)
     visible = tokens - round(config.mask_ratio * tokens) + 1
-    q = torch.randn(batch_size, config.heads, visible, config.dim // config.heads, device="cuda", dtype=dtype)
+    q = torch.randn(batch_size, config.heads, visible, config.dim // config.heads, device=device, dtype=dtype)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     names = " ".join(e.name for e in profile.events())
@@ -173,7 +171,7 @@ def sdpa_backend_that_runs(config, batch_size, dtype=torch.bfloat16):
                  if f"_scaled_dot_product_{op}" in names or (op == "math" and "attention_math" in names)), "unknown")
 
 
-def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
+def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu", config=None):
     """Lion's step on one rank's shards of a preset's parameters (each split over world_size along its
     first axis, as FSDP shards them), held as DTensors as under FSDP: a loop of DTensor operations, as
     train.py had it, against the two paths of train.py's Lion on the local shards (a loop, its CPU
@@ -189,7 +187,7 @@ def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device, (1,))
     with torch.device("meta"):
-        shapes = [p.shape for p in MAE(MAEConfig.from_preset(preset)).parameters()]
+        shapes = [p.shape for p in MAE(config or MAEConfig.from_preset(preset)).parameters()]
     shard = lambda s: (max(1, -(-s[0] // world_size)), *s[1:]) if len(s) else s
     as_dtensor = lambda t: distribute_tensor(t, mesh, [Shard(0)])
     params = [torch.nn.Parameter(as_dtensor(torch.randn(shard(s), device=device))) for s in shapes]
@@ -226,37 +224,86 @@ def lion_figures(preset="vitg8", world_size=8, steps=5, device="cpu"):
           f"{device}, median of {steps}: " + ", ".join(f"{name} {t * 1000:.1f} ms" for name, t in median.items()))
 
 
-def gpu_figures():
-    """The GPU bench in one command (minutes on one H100/H200): train.py's throughput, MFU and peak
-    memory for CA-MAE-S/16, MAE-L/8 and MAE-G/8 on one GPU, eager and with compiled blocks; the SDPA
-    kernel that runs for each; Lion's step on MAE-G/8's shards of 8 GPUs; embedding crops/s and MFU;
-    known-relationship recall at 20,000 genes (the issue's goal: under 3 s)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA GPU")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    plan = [("vits16-ca", 64), ("vitl8", 64), ("vitg8", 32)]
-    for label, batch in plan:
-        config = MAEConfig.from_preset(label.removesuffix("-ca"), channel_agnostic=label.endswith("-ca"))
-        print(f"{label}: SDPA kernel at batch {batch}: {sdpa_backend_that_runs(config, batch)}")
-    train_figures([(label, batch, extra) for label, batch in plan for extra in ([], ["--compile=blocks"])], steps=10)
-    lion_figures("vitg8", world_size=8, device="cuda")
-    embed_figures(["vits16-ca", "vitl8", "vitg8"], batch_size=64)
-    recall_figures(20000, 1664, ("random", "complexes"), repeats=3, reference="cpu")
+# The GPU bench: stages in the order we most need their figures, each a process of its own under a time
+# budget (seconds on one H100) and printing as it goes, so that a failure or an overrun costs its stage
+# alone. Nothing is written to disk but the random crops the stages read and train.py's logs.
+GPU_STAGES = (("vitg8 train, compiled blocks", 130), ("vitg8 embed", 40), ("vitl8, vits16-ca train, compiled blocks", 100),
+              ("train, eager", 80), ("lion", 20), ("vitl8, vits16-ca embed", 30), ("recall", 60))
+GPU_BATCH = {"vitg8": 16, "vitl8": 64, "vits16-ca": 64}  # crops per step on one GPU: vitg8 at 16 fits 80 GB unsharded
+TINY = dict(img_size=32, patch_size=8, dim=64, depth=2, heads=4, mlp_dim=128, dec_dim=32, dec_depth=1, dec_heads=4,
+            dec_mlp_dim=64)  # the dry run's model: every stage's code path, on a CPU, in seconds
 
 
-def embed_figures(presets, batch_size, crops=2048):
+def gpu_figures(dry_run=False):
+    """The GPU bench in one command: GPU_STAGES one after the other, each stopped at its budget. With
+    dry_run, the same stages on the CPU at tiny sizes (compiled with aot_eager, which runs on a CPU):
+    what the suite runs, so that a script error is found before a GPU is lent."""
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU (bench.py gpu --dry-run runs its stages on the CPU)")
+    print(f"torch {torch.__version__}, {'dry run on the CPU' if dry_run else torch.cuda.get_device_name()}; "
+          f"stage budgets {sum(b for _, b in GPU_STAGES)} s in all", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        crops = random_dataset(Path(tmp) / "random", crops=64 if dry_run else 512, size=32 if dry_run else 256)
+        for stage, (name, budget) in enumerate(GPU_STAGES):
+            start = time.perf_counter()
+            command = [sys.executable, str(ROOT / "bench.py"), "gpu", f"--stage={stage}", f"--data={crops}"] + ["--dry-run"] * dry_run
+            job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)  # its train.py too
+            try:
+                _, errors = job.communicate(timeout=budget)
+                verdict = "done" if job.returncode == 0 else f"failed: {(errors.strip().splitlines() or ['?'])[-1]}"
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, 9)
+                job.communicate()
+                verdict = f"stopped at its {budget} s budget"
+            print(f"[stage {stage + 1}/{len(GPU_STAGES)}: {name}: {verdict}, {time.perf_counter() - start:.0f} s]", flush=True)
+
+
+def gpu_stage(stage, crops, dry_run):
+    """One stage of GPU_STAGES, on the crops gpu_figures wrote."""
+    device = "cpu" if dry_run else "cuda"
+    size = TINY if dry_run else {}
+    config = lambda label: MAEConfig.from_preset(label.removesuffix("-ca"), channel_agnostic=label.endswith("-ca"), **size)
+    overrides = [f"--{k}={v}" for k, v in size.items()]
+    overrides += ["--device=cpu", "--dtype=float32", "--compile_backend=aot_eager"] if dry_run else []
+    batch = lambda label: GPU_BATCH[label] // (8 if dry_run else 1)
+    train = lambda labels, extra: train_figures([(label, batch(label), extra) for label in labels],
+                                                steps=5 if dry_run else 10, crops=crops, overrides=overrides)
+    kernel = lambda label: print(f"{label}: SDPA kernel at batch {batch(label)}: "
+                                 f"{sdpa_backend_that_runs(config(label), batch(label), device)}", flush=True)
+    if stage == 0:
+        kernel("vitg8")
+        train(["vitg8"], ["--compile=blocks"])
+    elif stage == 1:
+        embed_figures([("vitg8", config("vitg8"))], 64, crops)
+    elif stage == 2:
+        kernel("vitl8")
+        kernel("vits16-ca")
+        train(["vitl8", "vits16-ca"], ["--compile=blocks"])
+    elif stage == 3:
+        train(["vitg8", "vitl8", "vits16-ca"], [])
+    elif stage == 4:
+        lion_figures("vitg8", world_size=8, device=device, config=config("vitg8"))
+    elif stage == 5:
+        embed_figures([(label, config(label)) for label in ("vitl8", "vits16-ca")], 64, crops)
+    else:
+        recall_figures(400 if dry_run else 20000, 16 if dry_run else 1664, ("random", "complexes"), repeats=1 if dry_run else 3,
+                       reference="cpu")
+
+
+def embed_figures(models, batch_size, crops):
     """evaluate.embed_wells as probe.py runs it (every block from one pass, crops averaged into wells as
     they stream, bf16 on a GPU): crops/s and MFU (the encoder's matmul FLOPs, model.flops_per_crop
-    with train=False, against the GPU's bf16 peak), on random 256x256x6 crops, after a warm-up pass."""
+    with train=False, against the GPU's bf16 peak) for each (label, MAEConfig) of models, on the
+    prepared dataset `crops`, after a warm-up pass."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = device_peak_flops()
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    dataset = data.CropDataset(crops)
+    print(f"\nembedding (every block, one pass), {len(dataset)} crops of {dataset.channels}x{dataset.meta['crop_size']}"
+          f"x{dataset.meta['crop_size']}, batch {batch_size}, {where}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = data.CropDataset(random_dataset(Path(tmp) / "random", crops=crops))
-        print(f"\nembedding (every block, one pass), {len(dataset)} crops of 6x256x256, batch {batch_size}, {where}")
-        for label in presets:
-            config = MAEConfig.from_preset(label.removesuffix("-ca"), channel_agnostic=label.endswith("-ca"), img_size=256)
-            model = build(config, device=device, verbose=False).eval()
+        for label, config in models:
+            model = build(replace(config, img_size=dataset.meta["crop_size"]), device=device, verbose=False).eval()
             blocks = list(range(1, len(model.blocks) + 1))
             encode = lambda x: model.embed(x, blocks)
             evaluate.embed_wells(encode, dataset, Path(tmp) / "warm.npy", batch_size, device)
@@ -267,8 +314,16 @@ def embed_figures(presets, batch_size, crops=2048):
             if device == "cuda":
                 torch.cuda.synchronize()
             rate = len(dataset) / (time.perf_counter() - start)
-            mfu = f"MFU {rate * model.flops_per_crop(6, train=False) / peak:.1%}" if peak else "MFU: no GPU peak known"
-            print(f"{label:10} {rate:9.1f} crops/s  {mfu}  ({len(blocks)} blocks kept per crop)")
+            mfu = f"MFU {rate * model.flops_per_crop(dataset.channels, train=False) / peak:.1%}" if peak else "MFU: no GPU peak known"
+            print(f"{label:10} {rate:9.1f} crops/s  {mfu}  ({len(blocks)} blocks kept per crop)", flush=True)
+
+
+def embed_presets(presets, batch_size, crops=2048):
+    """bench.py embed: embed_figures for model.PRESETS keys (-ca: channel-agnostic) on random 256x256x6 crops."""
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [(label, MAEConfig.from_preset(label.removesuffix("-ca"), channel_agnostic=label.endswith("-ca")))
+                  for label in presets]
+        embed_figures(models, batch_size, random_dataset(Path(tmp) / "random", crops=crops))
 
 
 def efaar_reference():
@@ -341,8 +396,8 @@ def recall_figures(genes, dims, kinds=RECALL_MAPS, seed=0, repeats=5, reference=
         raise SystemExit(f"bench.py recall: no map kind {', '.join(unknown)} (kinds: {', '.join(RECALL_MAPS)})")
     if genes < 2 or dims < 1:  # else a traceback: recall refuses them, and the floor's tiles cannot slice 0 dims
         raise SystemExit(f"bench.py recall: a map of {genes} genes x {dims} dims (--genes 2+, --dims 1+)")
+    annotations = evaluate.required_tables()  # one line where they cannot be had: set VITALLY_CACHE to a folder holding them
     efaar = efaar_reference() if reference == "efaar" else None
-    annotations = evaluate.annotation_tables()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"\nknown-relationship recall, {genes} genes x {dims} dims, {where}; each table read inside each timing; "
@@ -531,13 +586,19 @@ if __name__ == "__main__":
     parser.add_argument("--activation_checkpointing", action="store_true", help="train: recompute each block in the backward pass")
     parser.add_argument("--world_size", type=int, default=8, help="lion: ranks the parameters are sharded over")
     parser.add_argument("--hf", action="store_true", help="train: also compare with transformers' ViTMAE (pip install transformers)")
+    parser.add_argument("--dry-run", action="store_true", help="gpu: every stage on the CPU at tiny sizes (under 2 minutes)")
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)  # gpu: one stage, in the process gpu_figures starts
+    parser.add_argument("--data", help=argparse.SUPPRESS)  # gpu --stage: the crops gpu_figures wrote
     args = parser.parse_args()
-    if args.suite != "train":
-        {"gpu": gpu_figures, "lion": lambda: lion_figures("vitg8", args.world_size),
+    if args.suite == "gpu" and args.stage is not None:
+        gpu_stage(args.stage, args.data, args.dry_run)
+    elif args.suite != "train":
+        {"gpu": lambda: gpu_figures(args.dry_run), "lion": lambda: lion_figures("vitg8", args.world_size),
          "recall": lambda: recall_figures(args.genes, args.dims, args.maps.split(","), reference=args.reference), "probe": lambda: probe_figures(args.depth, args.crop_size),
          "map": lambda: map_figures([int(n) for n in args.profiles.split(",")], args.dims if args.dims != 1664 else 384,
                                     args.null_size),
-         "embed": lambda: embed_figures(args.presets.split(","), args.batch_size, args.crops)}[args.suite]()
+         "embed": lambda: embed_presets(args.presets.split(","), args.batch_size, args.crops)}[args.suite]()
+    if args.suite != "train":
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
