@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -492,6 +493,29 @@ def test_embed_wells_streams_exactly(screen, tmp_path):
         torch.testing.assert_close(torch.from_numpy(np.asarray(features, np.float32)), expected, rtol=1e-3, atol=1e-3)
     assert rows == wells and {"plate", "well", "perturbation"} <= set(rows[0])
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_embedding_reads_the_next_batch_while_this_one_computes(screen, tmp_path):
+    """The disk is not waited on between batches: the crops of batch k+1 are read (on a thread, into
+    pinned memory on a GPU) before batch k's embedding is done. Each read and encode is logged."""
+    dataset = data.CropDataset(screen / "crops")
+    events, read = [], dataset.crops
+
+    def logged_read(ids):
+        events.append(("read", int(ids[0])))
+        return read(ids)
+
+    def slow_encode(x):
+        time.sleep(0.05)  # long enough for the reader thread to start on the next batch
+        events.append(("encoded", len(x)))
+        return evaluate.handcrafted_features(x)[None]
+
+    dataset.crops = logged_read
+    evaluate.embed_wells(slow_encode, dataset, tmp_path / "e.npy", batch_size=40)
+    reads = [i for i, (kind, _) in enumerate(events) if kind == "read"][1:]  # the first is the shape probe's
+    encodes = [i for i, (kind, _) in enumerate(events) if kind == "encoded"][1:]
+    assert len(reads) == len(encodes) > 2
+    assert all(reads[k + 1] < encodes[k] for k in range(len(reads) - 1)), events
 
 
 def test_synthetic_screen_end_to_end(screen, annotations):

@@ -1,10 +1,15 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._inductor.config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import MAE, MAEConfig, ParallelBlock, SequentialBlock, build, from_pretrained, save_consolidated, standardize
+from model import (MAE, MAEConfig, ParallelBlock, SequentialBlock, build, from_pretrained, peak_flops_of, save_consolidated,
+                   standardize)
 
 
 def tiny(**overrides):
@@ -370,3 +375,64 @@ def test_no_weight_decay_on_norms_biases_tokens_and_layerscale():
     assert not any(n.endswith((".bias", "gamma", "token", "channel_embed")) or "norm" in n for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+
+
+def test_memory_estimate_counts_the_gradients_fsdp_holds_while_accumulating(tmp_path):
+    """Gradient sync off between micro-steps (train.py's accumulation), FSDP2 keeps every parameter's
+    unsharded fp32 gradient: on two gloo ranks with bf16 weights, the bytes of gradient it holds after a
+    micro-step's backward are the estimate's `accumulation` exactly (and 0 without accumulation)."""
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "held.py"
+    script.write_text("\n".join([
+        "import os, sys, torch, torch.distributed as dist",
+        f"sys.path.insert(0, {str(root)!r})",
+        "out, sys.argv = sys.argv[-1], ['train.py', '--parallel=fsdp', '--dtype=bfloat16', '--device=cpu']",
+        "import train",
+        "from model import MAE, MAEConfig",
+        "dist.init_process_group('gloo')",
+        "config = MAEConfig(img_size=32, patch_size=8, dim=64, depth=2, heads=4, mlp_dim=128, dec_dim=32, dec_depth=1,"
+        " dec_heads=4, dec_mlp_dim=64)",
+        "with torch.device('meta'):",
+        "    model = MAE(config)",
+        "model = train.parallelize(model, 2)",
+        "model.to_empty(device='cpu')",
+        "model.init_weights()",
+        "model.set_requires_gradient_sync(False)",
+        "model(torch.randint(0, 256, (2, 6, 32, 32), dtype=torch.uint8))[0].backward()",
+        "held = 0",
+        "for module in model.modules():",
+        "    group = module._get_fsdp_state()._fsdp_param_group if hasattr(module, '_get_fsdp_state') else None",
+        "    for p in (group.fsdp_params if group else []):",
+        "        grad = p.unsharded_accumulated_grad if p.unsharded_accumulated_grad is not None else p._unsharded_param.grad",
+        "        held += grad.numel() * grad.element_size() if grad is not None else 0",
+        "estimate = [model.memory_per_device(2, 2, micro_steps=m)['accumulation'] for m in (2, 1)]",
+        "open(f'{out}.{dist.get_rank()}', 'w').write(repr((held, estimate)))",
+        "dist.destroy_process_group()",
+        "os._exit(0)",
+    ]) + "\n")
+    out = tmp_path / "held"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                          str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for rank in (0, 1):
+        held, (accumulating, not_accumulating) = eval(Path(f"{out}.{rank}").read_text())
+        assert held > 0 and held == accumulating and not_accumulating == 0, (held, accumulating)
+
+
+def test_memory_cli_prints_the_accumulation_line():
+    """python model.py --memory vitg8 ... --micro_steps 32: the unsharded gradients as a line of their
+    own (~7 GiB: 4 bytes x 1.87B parameters), and the total with them."""
+    root = Path(__file__).resolve().parent.parent
+    lines = subprocess.run([sys.executable, str(root / "model.py"), "--memory", "vitg8", "--batch_size", "32", "--world_size", "8",
+                            "--micro_steps", "32"], capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    values = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("  ")}
+    assert 6.8 < values["accumulation"] < 7.2
+    assert values["total"] == pytest.approx(sum(v for k, v in values.items() if k != "total"), abs=0.35)
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_flops_by_the_gpus_name(name, peak):
+    """MFU's denominator: an H100 NVL's name contains "H100" too, and it once got the SXM's 989 TFLOP/s."""
+    assert peak_flops_of(name) == peak

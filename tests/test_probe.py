@@ -293,6 +293,7 @@ def test_ranks_share_the_embedding_and_their_wells_equal_one_process(trained, tm
         np.testing.assert_allclose(np.load(tmp_path / f"{nproc}.npy"), one, rtol=0, atol=1e-6)
         shares = [int((tmp_path / f"{nproc}.npy.rank{r}").read_text()) for r in range(nproc)]
         assert sum(shares) == total and max(shares) <= total / nproc + 20, shares  # whole wells of 4 crops
+    assert not list(tmp_path.glob("*.part*")), "the ranks' files are removed once joined"
     # probe.py itself, under torchrun: the same cache and the same curve as one process
     common = ["--ckpt", model, "--data", crops, "--task", "group", "--groups", str(trained / "groups.csv"), "--split_col", "well"]
     torchrun(2, "probe.py", *common, "--out", str(tmp_path / "p2"))
@@ -301,3 +302,30 @@ def test_ranks_share_the_embedding_and_their_wells_equal_one_process(trained, tm
                                np.load(tmp_path / "p1" / "features.npy").astype(np.float32), rtol=2e-3, atol=2e-3)
     assert (tmp_path / "p2" / "probe.csv").read_text().splitlines()[0] == (tmp_path / "p1" / "probe.csv").read_text().splitlines()[0]
     assert json.loads((tmp_path / "p2" / "probe.json").read_text())["best_block"] == single["best_block"]
+
+
+def test_each_rank_writes_a_file_of_its_own_and_waits_for_the_slowest_without_a_timeout(trained, tmp_path):
+    """Ranks on several nodes writing neighbouring wells of one shared file overwrite each other's
+    boundary pages (a network filesystem writes back whole pages): every file a rank opens for writing
+    is its own (rank 0 alone writes the joined file, after the barrier); and the process group waits 24
+    hours, not torch's default 10 minutes, for a rank that finishes late."""
+    script = tmp_path / "writes.py"
+    script.write_text("\n".join([
+        "import sys, numpy as np, torch.distributed as dist, data, evaluate, model as mae",
+        "from torch.distributed.distributed_c10d import _get_default_group",
+        "opened, open_memmap = [], np.lib.format.open_memmap",
+        "np.lib.format.open_memmap = lambda path, mode='r+', *a, **k: opened.append((str(path), mode)) or open_memmap(path, mode, *a, **k)",
+        "m = mae.from_pretrained(sys.argv[1]).eval()",
+        "rank = evaluate.torchrun_rank()[0]",
+        "timeout = _get_default_group()._get_backend(__import__('torch').device('cpu')).options._timeout",
+        "evaluate.embed_wells(lambda x: m.embed(x), data.CropDataset(sys.argv[2]), sys.argv[3], 50)",
+        "written = [path for path, mode in opened if mode != 'r']",
+        "open(f'{sys.argv[3]}.writes{rank}', 'w').write(repr((written, timeout.total_seconds())))",
+    ]))
+    out = tmp_path / "e.npy"
+    torchrun(3, str(script), str(trained / "run" / "model.pt"), str(trained / "crops"), str(out))
+    for rank in range(3):
+        written, timeout = eval((tmp_path / f"e.npy.writes{rank}").read_text())
+        assert timeout == 24 * 3600
+        own = {f"{out}.part{rank}.tmp.npy"} | ({f"{out}.tmp.npy"} if rank == 0 else set())
+        assert set(written) == own, (rank, written)

@@ -716,3 +716,120 @@ def test_a_stain_takes_its_own_channel_row_wherever_a_screen_stores_it(dataset, 
     moved = (table("trained") - table("init")).abs().amax(dim=1)
     golgi = synth.CHANNELS.index("Golgi")
     assert moved[golgi] < 1e-3 and all(moved[i] > 1e-2 for i in range(6) if i != golgi), moved
+
+
+# ---- the GPU path's findings, shown on a CPU ------------------------------------------------------
+
+def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(dataset, tmp_path, single):
+    """On a shared filesystem after a crash, nodes can list out_dir differently; each rank choosing for
+    itself would mix shards. Two gloo ranks whose out_dir listings differ (rank 1's has a newer
+    checkpoint than rank 0's): both resume from rank 0's choice."""
+    out, _ = single
+    for rank, steps in ((0, ["ckpt_0000009"]), (1, ["ckpt_0000009", "ckpt_0000012"])):
+        for name in steps:
+            shutil.copytree(out / name, tmp_path / f"view{rank}" / name)
+    script = tmp_path / "resume.py"
+    script.write_text("\n".join([
+        "import os, sys, torch.distributed as dist",
+        "rank = int(os.environ['RANK'])",
+        f"sys.argv = ['train.py', '--out_dir={tmp_path}/view' + str(rank)]",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "import train",
+        "dist.init_process_group('gloo')",
+        "open(f'{train.out_dir}/chosen', 'w').write(train.resume_point(rank).name)",
+        "dist.destroy_process_group()",
+        "os._exit(0)",  # as train.py ends: gloo's teardown at exit aborts now and then
+    ]))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [(tmp_path / f"view{r}" / "chosen").read_text() for r in (0, 1)] == ["ckpt_0000009"] * 2
+
+
+def test_compiled_blocks_stay_few_and_static_under_channel_sampling_snapshots_and_sequential_blocks(train_module, monkeypatch):
+    """compile='blocks' with fullgraph: a block class past dynamo's limit of 8 graphs is a hard error.
+    Every channel count from 1 to 6 (channel_sampling), reconstruction snapshots (eval, no_grad, 4 crops)
+    and an encoder of sequential blocks (the decoder's class otherwise): at most 4 graphs a block class
+    (first block without stochastic depth; the token count dynamic after its first), and the width is
+    never dynamic (the encoder's and decoder's sequential blocks once shared one cache, and their widths
+    turned it dynamic: slower kernels)."""
+    from model import MAE, MAEConfig
+    graphs = []
+
+    def recording(gm, example_inputs):  # a backend that runs the graph as traced, noting its inputs' shapes
+        graphs.append([tuple(node.meta["example_value"].shape) for node in gm.graph.nodes  # fake tensors: SymInt if dynamic
+                       if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor)])
+        return gm.forward
+
+    settings = {k: v for k, v in TINY.items() if k in MAEConfig.__dataclass_fields__}
+    config = MAEConfig(**{**settings, "parallel_blocks": False, "depth": 4})
+    for key, value in dict(parallel="none", compile="blocks", compile_backend=recording, channel_sampling=True,
+                           min_channels=1, model_config=config, out_dir="unused").items():
+        monkeypatch.setattr(train_module, key, value)
+    torch._dynamo.reset()
+    with torch.device("meta"):
+        model = train_module.parallelize(MAE(config))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    x = torch.randint(0, 256, (4, 6, 32, 32), dtype=torch.uint8)
+    for k in (6, 1, 2, 3, 4, 5, 6, 3):
+        model(x[:, :k], torch.arange(k))[0].backward()
+        train_module.snapshot(model, x[:, :k], torch.arange(k), 0, write=False)
+    widths = [shape[2] for shapes in graphs for shape in shapes if len(shape) == 3]
+    assert not [w for w in widths if isinstance(w, torch.SymInt)], graphs  # a dynamic width is a SymInt
+    assert 0 < len(graphs) <= 2 * 4, graphs  # two block classes (encoder, decoder), 4 graphs at most each
+    torch._dynamo.reset()
+
+
+def test_lion_on_many_tensors_launches_one_kernel_per_operation(train_module):
+    """The foreach path (a GPU's) with the skip flag: the momentum's update as fused multi-tensor calls
+    (a lerp with a tensor weight has no fused kernel: it ran one lerp_ per tensor, 732 for vitg8), and the
+    skip mask computed once, not once per gradient. Counted from the profiler's operator calls."""
+    params = [torch.nn.Parameter(torch.randn(3, 5)) for _ in range(40)]
+    for p in params:
+        p.grad = torch.randn(3, 5)
+    opt = train_module.Lion(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    opt.found_inf = torch.zeros(())
+    with torch.profiler.profile() as profile:
+        opt.step()
+    calls = [e.name for e in profile.events()]
+    assert calls.count("aten::lerp_") == 0, calls.count("aten::lerp_")
+    assert calls.count("aten::eq") + calls.count("aten::ne") <= 1
+    assert calls.count("aten::masked_fill_") == len(params)  # zeroing NaN gradients is per tensor: no foreach op does it
+
+
+def test_data_parallel_does_not_broadcast_buffers_every_step(train_module, monkeypatch):
+    """DDP's default broadcasts every buffer before every forward; the only buffers are the fixed sin-cos
+    tables, the same on every rank. Counted from the profiler on a one-rank gloo group."""
+    import torch.distributed as dist
+    monkeypatch.setattr(train_module, "parallel", "ddp")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        model.to_empty(device="cpu")
+        model.init_weights()
+        step_model = train_module.step_module(model)
+        with torch.profiler.profile() as profile:
+            step_model(torch.randint(0, 256, (2, 6, 32, 32), dtype=torch.uint8))[0].backward()
+        assert not [e.name for e in profile.events() if "broadcast" in e.name]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tokens_and_flops_follow_the_channels_each_step_kept_and_a_benchmark_writes_no_weights(dataset, tmp_path, train_module):
+    """channel_sampling: each step's tokens are its kept channels' (the log's tokens/s x dt), not the
+    dataset's 6; MFU against a given peak counts the same step's FLOPs. ckpt_interval=0 (the GPU bench):
+    no checkpoint and no model.pt, only the log."""
+    from model import MAE, MAEConfig
+    settings = {k: v for k, v in TINY.items() if k in MAEConfig.__dataclass_fields__}
+    run = train(dataset, tmp_path, max_steps=6, ckpt_interval=0, channel_sampling=True, peak_flops=1e9, global_batch=8)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "loss.png"], list(tmp_path.iterdir())
+    with torch.device("meta"):
+        model = MAE(MAEConfig(**settings))
+    train_module.channel_sampling, train_module.seed, train_module.min_channels = True, 1337, 1
+    kept = {r["step"]: len(train_module.sampled_channels(r["step"], 6)) for r in log}
+    assert len(set(kept.values())) > 1 and len(run) == 6
+    for r in log:
+        assert r["tokens_per_s"] * r["dt"] == pytest.approx(8 * model.tokens_per_crop(kept[r["step"]]), rel=1e-6)
+        assert r["mfu"] * 1e9 * r["dt"] == pytest.approx(8 * model.flops_per_crop(kept[r["step"]]), rel=1e-6)
