@@ -15,6 +15,7 @@ metadata column); `meta.json`, written last (channel names, crop size, counts, c
 import argparse
 import csv
 import functools
+import gzip
 import io
 import json
 import os
@@ -34,6 +35,8 @@ import numpy as np
 import tifffile
 import torch
 from tqdm import tqdm
+
+import addresses
 
 FORMAT_VERSION = 1
 
@@ -86,17 +89,29 @@ class BadImage(Exception):
 # ---- the screen's files and rows ------------------------------------------------------------------
 
 def read_metadata(path):
-    """A metadata CSV as row dicts: UTF-8 with or without a byte-order mark (as spreadsheets save it),
-    else Latin-1; a file with no row is an error."""
-    path = Path(path)
-    if not path.is_file():
+    """A metadata table as row dicts of strings: a CSV (UTF-8 with or without a byte-order mark, as
+    spreadsheets save it, else Latin-1), gzip-compressed (.csv.gz) or a parquet table, at a local path
+    or a URL (as the Cell Painting Gallery ships its LoadData); a file with no row is an error."""
+    if not addresses.is_url(path) and not Path(path).is_file():
         raise SystemExit(f"{path}: no such metadata file")
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        raw = addresses.read_bytes(path)
+    except addresses.MissingObject as e:
+        raise SystemExit(str(e)) from None
+    name = str(path).lower()
+    try:
+        if name.endswith(".parquet"):
+            table = pyarrow_parquet(path).read_table(io.BytesIO(raw))
+            rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in table.to_pylist()]
+        else:
+            raw = gzip.decompress(raw) if name.endswith(".gz") else raw
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except (OSError, EOFError, ValueError) as e:  # a cut gzip stream, a damaged parquet footer
+        raise SystemExit(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not rows:
         raise SystemExit(f"{path}: no rows (empty, or a header alone)")
     return rows
@@ -263,28 +278,60 @@ def find_sites(images, files, rows, pattern, channels, on_error, where=None):
     return sites, strays
 
 
-def load_data_sites(load_data, rows, channels):
-    """A CellProfiler LoadData CSV (JUMP-CP): one row per site with Metadata_Plate, Metadata_Well,
-    Metadata_Site and, per channel NAME, FileName_OrigNAME and PathName_OrigNAME (absolute, or relative
-    to the CSV). Returns [(metadata row, [file per channel])] and the channel names: `channels` (a
-    subset, in order) or every Orig channel of the CSV. The metadata rows join on plate, well, site."""
+BRIGHTFIELD = ("Brightfield", "HighZBF", "LowZBF")  # JUMP's three brightfield planes beside its five stains
+
+
+def load_data_sites(load_data, rows, channels, illum=False, mirrors=()):
+    """A CellProfiler LoadData table (JUMP-CP; .csv, .csv.gz or .parquet, local or a URL): one row per
+    site with Metadata_Plate, Metadata_Well, Metadata_Site and, per channel NAME, FileName_OrigNAME and
+    PathName_OrigNAME (a folder: absolute, relative to the table, or a URL), or URL_OrigNAME (the JUMP
+    index's whole address). Returns [(metadata row, [file per channel] + [illumination function per
+    channel with illum])] and the channel names: `channels` (a subset, in order) or every Orig channel
+    but the brightfield planes. rows: the labels, joined on plate, well, site; None: the table's own
+    Metadata_ columns (plate, well, site, and the others as named). Metadata_Source and Metadata_Batch
+    are carried into each row.
+    mirrors: [(prefix, local folder)] read in place of the addresses they cover."""
+    renamed = {f"Metadata_{k.capitalize()}": k for k in ("plate", "well", "site")}
     table = read_metadata(load_data)
-    names = [c[len("FileName_Orig"):] for c in table[0] if c.startswith("FileName_Orig")]
+    forms = [f for f in ("URL_Orig", "FileName_Orig") if any(c.startswith(f) for c in table[0])]
+    names = [c[len(forms[0]):] for c in table[0] if forms and c.startswith(forms[0])]
     missing = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c not in table[0]]
     if missing or not names:
-        raise SystemExit(f"{load_data}: not a LoadData CSV (missing {', '.join(missing) or 'FileName_Orig<channel> columns'})")
+        raise SystemExit(f"{load_data}: not a LoadData table (missing {', '.join(missing) or 'FileName_Orig<channel> columns'})")
     unknown = [c for c in channels or [] if c not in names]
     if unknown:
         raise SystemExit(f"{load_data}: no channel {', '.join(unknown)} (it has {', '.join(names)})")
-    names = list(channels or names)
+    names = list(channels or [n for n in names if n not in BRIGHTFIELD])
+    columns = [f"{kind}_Orig{c}" for c in names for kind in (("URL",) if forms[0] == "URL_Orig" else ("FileName", "PathName"))]
+    columns += [f"{kind}_Illum{c}" for c in names for kind in ("FileName", "PathName")] if illum else []
+    absent = [c for c in columns if c not in table[0]]
+    if absent:
+        raise SystemExit(f"{load_data}: no column {', '.join(absent)}" + (" (--illum needs load_data_with_illum)" if illum else ""))
+    if rows is None:  # the table's own metadata: Metadata_Plate -> plate, ...
+        rows = [{renamed.get(k, k): v for k, v in site.items() if k.startswith("Metadata_")} for site in table]
     label_of = {tuple(key_value(f, r[f]) for f in ("plate", "well", "site")): r for r in rows}
-    sites = []
+
+    def address(folder, name):  # a folder: a URL, absolute, or relative to the table (itself local or a URL)
+        if not (addresses.is_url(folder) or Path(folder).is_absolute()):
+            folder = (addresses.join(str(load_data).rsplit("/", 1)[0], folder) if addresses.is_url(load_data)
+                      else Path(load_data).parent / folder)
+        return addresses.with_mirrors(addresses.join(folder, name), mirrors)
+
+    sites, seen = [], set()
     for n, site in enumerate(table, start=2):
         key = tuple(key_value(f, site[f"Metadata_{f.capitalize()}"]) for f in ("plate", "well", "site"))
         if key not in label_of:
             raise SystemExit(f"{load_data} line {n}: no metadata row for plate {key[0]} well {key[1]} site {key[2]}")
-        folder = lambda c: Path(load_data).parent / site[f"PathName_Orig{c}"]  # an absolute path stays itself
-        sites.append((label_of[key], [str(folder(c) / site[f"FileName_Orig{c}"]) for c in names]))
+        if key in seen:
+            raise SystemExit(f"{load_data} line {n}: plate {key[0]} well {key[1]} site {key[2]} a second time")
+        seen.add(key)
+        row = {**{k: site[k] for k in ("Metadata_Source", "Metadata_Batch") if k in site}, **label_of[key]}
+        if forms[0] == "URL_Orig":
+            files = [addresses.with_mirrors(site[f"URL_Orig{c}"], mirrors) for c in names]
+        else:
+            files = [address(site[f"PathName_Orig{c}"], site[f"FileName_Orig{c}"]) for c in names]
+        files += [address(site[f"PathName_Illum{c}"], site[f"FileName_Illum{c}"]) for c in names] if illum else []
+        sites.append((row, files))
     return sites, names
 
 
@@ -313,16 +360,20 @@ def table_image_bytes(location):
 
 
 def read_image(path):
-    """One image's pixels: a file by its suffix, TIFF with tifffile (compressed TIFF, PNG, JPEG 2000 and
-    JPEG need imagecodecs, the codecs tifffile's author maintains), or a table's row ('TABLE#ROW')."""
+    """One image's pixels: a file (local, or at a URL) by its suffix, TIFF with tifffile (compressed
+    TIFF, PNG, JPEG 2000 and JPEG need imagecodecs, the codecs tifffile's author maintains), or a
+    table's row ('TABLE#ROW')."""
     try:
         if ".parquet#" in path:
             import imagecodecs
             return imagecodecs.imread(table_image_bytes(path))
+        source = io.BytesIO(addresses.read_bytes(path)) if addresses.is_url(path) else path
         if Path(path).suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path)
+            return tifffile.imread(source)
         import imagecodecs
-        return imagecodecs.imread(path)
+        return imagecodecs.imread(source.getvalue() if addresses.is_url(path) else path)
+    except addresses.MissingObject as e:
+        raise BadImage(str(e).removeprefix(f"{path}: ")) from None
     except ImportError:
         raise SystemExit(f"{path}: reading {Path(path).suffix} files needs imagecodecs: pip install imagecodecs") from None
     except Exception as e:  # codecs raise many kinds for truncated or foreign files
@@ -340,8 +391,10 @@ def tiff_header(path):
     if Path(path).suffix.lower() not in (".tif", ".tiff"):
         return read_image(path)
     try:
-        with tifffile.TiffFile(path) as tiff:
+        with addresses.open_binary(path) as f, tifffile.TiffFile(f) as tiff:  # at a URL, ranged reads
             return np.broadcast_to(np.zeros((), tiff.series[0].dtype), tiff.series[0].shape)
+    except addresses.MissingObject as e:
+        raise BadImage(str(e).removeprefix(f"{path}: ")) from None
     except Exception as e:
         raise BadImage(f"unreadable TIFF ({type(e).__name__}: {e})") from None
 
@@ -431,12 +484,43 @@ def histogram_percentiles(cumulative, percentiles):
     return np.where(fraction >= 0.5, b - (b - a) * (1 - fraction), a + (b - a) * fraction)
 
 
+def border(size, crop):
+    """Pixels left out before and after the largest centred run of whole crops along one side."""
+    left_over = size % crop
+    return left_over // 2, left_over - left_over // 2
+
+
 def tile(image, crop):
-    """[C, H, W] -> [(H/crop)*(W/crop), C, crop, crop], row-major over tiles."""
+    """[C, H, W] -> [(H//crop)*(W//crop), C, crop, crop], row-major over tiles: the largest centred grid
+    of whole crops (an imager's 1080 px field at crop 256: 4 x 4 crops, 28 px left out on each side)."""
     C, H, W = image.shape
-    if H % crop or W % crop:
-        raise BadImage(f"size {H}x{W} does not tile into {crop}x{crop} crops")
-    return image.reshape(C, H // crop, crop, W // crop, crop).transpose(1, 3, 0, 2, 4).reshape(-1, C, crop, crop)
+    (top, _), (left, _) = border(H, crop), border(W, crop)
+    ny, nx = H // crop, W // crop
+    image = image[:, top:top + ny * crop, left:left + nx * crop]
+    return image.reshape(C, ny, crop, nx, crop).transpose(1, 3, 0, 2, 4).reshape(-1, C, crop, crop)
+
+
+@functools.lru_cache(maxsize=64)  # one function per plate and channel, shared by all of the plate's sites
+def illumination(address):
+    """A CellProfiler illumination function (the gallery's <plate>_Illum<Channel>.npy): float [H, W]."""
+    try:
+        function = np.load(io.BytesIO(addresses.read_bytes(address)), allow_pickle=False)
+    except (addresses.MissingObject, OSError, ValueError) as e:
+        raise BadImage(f"illumination function {address}: {e}") from None
+    if function.ndim != 2 or not np.isfinite(function).all() or (function <= 0).any():
+        raise BadImage(f"illumination function {address}: expected positive finite [H, W], got {function.dtype} {function.shape}")
+    return function
+
+
+def correct_illumination(image, functions):
+    """CellProfiler's CorrectIlluminationApply, Divide: each channel over its illumination function."""
+    corrected = image.astype(np.float64)
+    for c, address in enumerate(functions):
+        function = illumination(address)
+        if function.shape != image.shape[1:]:
+            raise BadImage(f"illumination function {address} is {function.shape}, the image {image.shape[1:]}")
+        corrected[c] /= function
+    return corrected
 
 
 def prepare_shard(job):
@@ -445,8 +529,11 @@ def prepare_shard(job):
     out, shard, sites, opts, on_error = job
     crops, kept, skipped = [], [], []
     for site_id, files in sites:
+        files, functions = (files[:opts["n_channels"]], files[opts["n_channels"]:]) if opts["illum"] else (files, [])
         try:
             image = read_site(files, opts["n_channels"], opts["channel_axis"])
+            if functions:
+                image = correct_illumination(image, functions)
             tiles = tile(to_uint8(image, opts["convert"], opts["percentiles"]), opts["crop_size"])
             if image.shape[1:] != tuple(opts["image_shape"]):
                 raise BadImage(f"size {image.shape[1]}x{image.shape[2]} differs from the screen's "
@@ -495,7 +582,7 @@ def warn_about_labels(metadata, rows):
 
 def prepare(images, metadata, out, pattern=None, channels=None, channel_names=None, load_data=None, channel_axis="auto",
             crop_size=256, shard_size=1024, convert="auto", percentiles=(0.1, 99.9), workers=None, on_error="raise",
-            part=(1, 1)):
+            part=(1, 1), illum=False, mirrors=(), exact_tiling=False):
     """Images + metadata CSV -> shards, index.csv, meta.json. The images: a folder and a --pattern
     (or a layout recognized without one), parquet tables of encoded images, or a LoadData CSV
     (load_data, in place of both). Resumable: run it again and it finishes the shards that are
@@ -503,7 +590,12 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
     kept. on_error may change between runs.
     part=(i, n): write only the i-th of n slices of the shards, and that part's index
     (part_I_of_N.csv); `merge` joins the parts when all n are written. The parts may run at once,
-    on many machines, into the same `out`."""
+    on many machines, into the same `out`.
+    Images whose sides are not multiples of crop_size give the largest centred grid of whole crops
+    (the border left out is said once and kept in meta.json); exact_tiling refuses them instead.
+    LoadData only: illum divides each channel by its illumination function (the table's Illum
+    columns) before the uint8 conversion; mirrors [(prefix, folder)] read addresses from a local copy;
+    metadata None takes the labels from the table's own Metadata_ columns."""
     low, high = percentiles
     if not 0 <= low < high <= 100:
         raise SystemExit(f"--percentiles {low},{high}: need 0 <= low < high <= 100")
@@ -514,9 +606,11 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
         raise SystemExit(f"--part {i_part}/{n_parts}: need 1 <= I <= N")
     out = Path(out)
     if load_data:
-        rows = labelled(metadata, read_metadata(metadata))
-        sites, names = load_data_sites(load_data, rows, channels)
-        images, strays, layout, n_expected = Path(load_data).parent, [], f"LoadData {load_data}", len(names)
+        rows = labelled(metadata, read_metadata(metadata)) if metadata else None
+        sites, names = load_data_sites(load_data, rows, channels, illum, [tuple(m) for m in mirrors])
+        rows = rows or labelled(load_data, [row for row, _ in sites])
+        images = str(load_data).rsplit("/", 1)[0] if addresses.is_url(load_data) else Path(load_data).parent
+        strays, layout, n_expected = [], f"LoadData {load_data}", len(names)
     else:
         images = Path(images)
         files, where, labels = image_files(images)  # listed once: a screen may hold millions
@@ -530,16 +624,22 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
         names, n_expected = channels, len(channels) if channels else None
     if not sites:
         raise SystemExit(f"{images}: no file matches the layout {layout}")
-    n_channels, *image_shape = screen_shape(sites, n_expected, channel_axis)
-    if image_shape[0] % crop_size or image_shape[1] % crop_size:
+    channel_files = len(names) if load_data and illum else None  # the illumination functions follow
+    n_channels, *image_shape = screen_shape([(row, files[:channel_files]) for row, files in sites], n_expected, channel_axis)
+    left_out = [border(image_shape[0], crop_size), border(image_shape[1], crop_size)]  # [[top, bottom], [left, right]]
+    if min(image_shape) < crop_size or (exact_tiling and any(map(any, left_out))):
         raise SystemExit(f"{images}: the screen's {image_shape[0]}x{image_shape[1]} images do not tile into {crop_size}x{crop_size} crops")
+    if any(map(any, left_out)):
+        print(f"{images}: {image_shape[0]}x{image_shape[1]} images: the centred {image_shape[0] // crop_size}x"
+              f"{image_shape[1] // crop_size} crops of {crop_size} px, leaving out {left_out[0][0]}/{left_out[0][1]} px "
+              f"at the top/bottom and {left_out[1][0]}/{left_out[1][1]} at the left/right (--exact_tiling refuses such images)")
     names = list(channel_names or names or [f"ch{i + 1}" for i in range(n_channels)])
     if len(names) != n_channels:
         raise SystemExit(f"--channel_names: {len(names)} names for the screen's {n_channels} channels")
     tiles_per_site = (image_shape[0] // crop_size) * (image_shape[1] // crop_size)
     sites_per_shard = max(1, shard_size // tiles_per_site)  # shards hold whole images
     opts = dict(n_channels=n_channels, channel_axis=channel_axis, image_shape=image_shape,
-                crop_size=crop_size, convert=convert, percentiles=list(percentiles))
+                crop_size=crop_size, convert=convert, percentiles=list(percentiles), illum=bool(load_data and illum))
     jobs = [(str(out), k, [(i, files) for i, (_, files) in enumerate(sites[s:s + sites_per_shard], start=s)], opts, on_error)
             for k, s in enumerate(range(0, len(sites), sites_per_shard))]
     plan = dict(version=FORMAT_VERSION, images=str(images), metadata=str(metadata), layout=layout, opts=opts,
@@ -578,9 +678,9 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
             except BadImage as e:
                 pool.shutdown(cancel_futures=True)  # shards already being written finish, and are kept
                 raise SystemExit(f"{e} (finished shards are kept: fix the file or pass --on-error skip, then rerun)")
-        columns = list(rows[0])
+        columns = list(sites[0][0]) if load_data else list(rows[0])  # LoadData's source and batch included
         index = []
-        source = lambda f: Path(f).relative_to(images).as_posix() if Path(f).is_relative_to(images) else str(f)
+        source = lambda f: str(f) if addresses.is_url(f) or not Path(f).is_relative_to(images) else Path(f).relative_to(images).as_posix()
         for k in sorted(manifests):
             offset = 0
             for site_id in manifests[k]["sites"]:
@@ -594,7 +694,7 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
                     images=sum(len(m["sites"]) for m in manifests.values()), skipped=len(skipped), shards=len(jobs),
                     crops_per_shard=sites_per_shard * tiles_per_site, tiles_per_image=tiles_per_site, convert=convert,
                     layout=layout, percentiles=list(percentiles) if convert in ("auto", "percentile") else None,
-                    source=str(images))
+                    source=str(images), image_size=image_shape, border_px=left_out, illumination_corrected=opts["illum"])
         write_csv(out / f"{name}.csv", ["shard", "offset", "source", "tile_y", "tile_x"] + columns, index)
         write_csv(out / ("skipped.csv" if n_parts == 1 else f"{name}_skipped.csv"), ["file", "problem"], skipped)
         if n_parts > 1:  # the mark that this part is complete: merge reads it
@@ -928,15 +1028,23 @@ def main(argv=None):
     p = commands.add_parser("prepare", help="images + metadata CSV -> shards of uint8 crops", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", help="folder of the images (TIFF; PNG, JPEG 2000 and compressed TIFF with imagecodecs), "
                    "or a parquet table of encoded images (or a folder of them; with pyarrow)")
-    p.add_argument("--load_data", help="a CellProfiler LoadData CSV (JUMP-CP), in place of --images and --pattern")
+    p.add_argument("--load_data", help="a CellProfiler LoadData table (JUMP-CP; .csv, .csv.gz, .parquet; a path or a URL "
+                   "such as s3://cellpainting-gallery/...), in place of --images and --pattern")
     p.add_argument("--metadata", help="CSV with plate, well, site and any other columns (the labels); None: "
-                   "the parquet table's own columns")
+                   "the parquet table's own columns, or the LoadData's Metadata_ columns")
+    p.add_argument("--illum", action="store_true", help="LoadData: divide each channel by its illumination function "
+                   "(FileName_Illum<channel>, as load_data_with_illum names them) before the uint8 conversion")
+    p.add_argument("--mirror", dest="mirrors", action="append", default=[], type=lambda s: s.split("=", 1),
+                   metavar="PREFIX=DIR", help="read addresses starting with PREFIX from the local folder DIR, e.g. "
+                   "s3://cellpainting-gallery=/data/cpg (repeatable)")
+    p.add_argument("--exact_tiling", action="store_true", help="refuse images whose sides are not multiples of "
+                   "--crop_size, instead of taking their largest centred grid of crops")
     p.add_argument("--out", required=True, help="folder of the prepared dataset")
     p.add_argument("--pattern", help="file path under --images, with {plate} {well} {site} (and any metadata column) and, "
                    "one file per channel, {channel}; None: recognize RxRx's and this project's layouts")
     p.add_argument("--channels", type=lambda s: s.split(","),
                    help="comma-separated: the {channel} values (or LoadData channels) to take, in order; for one file "
-                   "per site, the channel names. None: every channel found")
+                   "per site, the channel names. None: every channel found (LoadData: but the brightfield planes)")
     p.add_argument("--channel_names", type=lambda s: s.split(","), help="comma-separated names stored in meta.json, e.g. DNA,ER,RNA,AGP,Mito")
     p.add_argument("--channel_axis", choices=["auto", "first", "last"], default="auto", help="of a multi-channel TIFF")
     p.add_argument("--crop_size", type=int, default=256, help="crop side in pixels; images are tiled into crops")
@@ -969,8 +1077,8 @@ def main(argv=None):
     elif command == "prepare":
         if not (args["images"] or args["load_data"]):
             parser.error("prepare needs --images (a folder or parquet) or --load_data (a LoadData CSV)")
-        if args["load_data"] and not args["metadata"]:
-            parser.error("--load_data needs --metadata (the labels, joined on plate, well, site)")
+        if any(len(m) != 2 for m in args["mirrors"]):
+            parser.error("--mirror takes PREFIX=DIR")
         prepare(**args)
     elif args.pop("what") == "prepare":
         bench_prepare(args["images"], args["workers"])

@@ -17,6 +17,7 @@ LoadData CSV (load_data.csv) that data.py prepare --load_data reads.
 """
 
 import argparse
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,50 @@ def write_jump_site(out, plate, well, site, pixels):
         data.write_atomic(path, lambda f: tifffile.imwrite(f, image, photometric="minisblack"))
         row += [path.name, f"images/{plate}"]
     return row
+
+
+GALLERY = "s3://cellpainting-gallery/cpg0016-jump"
+BRIGHTFIELD_PLANES = {"Brightfield": 6, "HighZBF": 7, "LowZBF": 8}
+
+
+def write_gallery_plate(root, wells=("A01", "A02", "B01"), sites=2, size=540, seed=0, source="source_4",
+                        batch="2021_04_26_Batch1", plate="BR00117035"):
+    """A plate as the Cell Painting Gallery stores it, under root (a copy of s3://cellpainting-gallery/):
+    cpg0016-jump/<source>/images/<batch>/images/<plate>/r01c01f01p01-ch1sk1fk1fl1.tiff (uint16, one per
+    stain and brightfield plane), images/<batch>/illum/<plate>/<plate>_Illum<Channel>.npy (float, one per
+    stain) and workspace/load_data_csv/<batch>/<plate>/load_data_with_illum.csv.gz, whose PathName
+    columns are the s3:// folders. Fields of size x size px, random texture. Returns the LoadData's path."""
+    rng = np.random.default_rng(seed)
+    prefix = f"{source}/images/{batch}"
+    planes = {name: number for name, (number, _) in JUMP_CHANNELS.items()} | BRIGHTFIELD_PLANES
+    folder = Path(root) / "cpg0016-jump" / prefix
+    for name in JUMP_CHANNELS:  # smooth, positive, around 1: a vignette, as CellProfiler's functions are
+        y, x = np.mgrid[:size, :size] / size - 0.5
+        function = (1.2 - (x ** 2 + y ** 2) * rng.uniform(0.5, 1.0)).astype(np.float32)
+        path = folder / "illum" / plate / f"{plate}_Illum{name}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, function)
+    header = ["Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+    header += [f"{kind}_Orig{name}" for name in planes for kind in ("FileName", "PathName")]
+    header += [f"{kind}_Illum{name}" for name in JUMP_CHANNELS for kind in ("FileName", "PathName")]
+    rows = []
+    for well in wells:
+        for site in range(1, sites + 1):
+            field = f"r{'ABCDEFGH'.index(well[0]) + 1:02d}c{int(well[1:]):02d}f{site:02d}p01"
+            row = [source, batch, plate, well, site]
+            for name, number in planes.items():
+                path = folder / "images" / plate / f"{field}-ch{number}sk1fk1fl1.tiff"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(path, rng.gamma(2.0, 3000, (size, size)).astype(np.uint16), photometric="minisblack")
+                row += [path.name, f"{GALLERY}/{prefix}/images/{plate}/"]
+            for name in JUMP_CHANNELS:
+                row += [f"{plate}_Illum{name}.npy", f"{GALLERY}/{prefix}/illum/{plate}/"]
+            rows.append(row)
+    load_data = Path(root) / "cpg0016-jump" / source / "workspace" / "load_data_csv" / batch / plate / "load_data_with_illum.csv.gz"
+    load_data.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(",".join(map(str, r)) for r in [header] + rows) + "\n"
+    data.write_atomic(load_data, lambda f: f.write(gzip.compress(text.encode())))
+    return load_data
 
 
 def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False, channels=6):

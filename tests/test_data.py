@@ -124,7 +124,7 @@ def bad_inputs(images):
     return {
         "truncated": (victim, lambda: victim.write_bytes(victim.read_bytes()[:300]), "unreadable TIFF"),
         "channels": (victim, replace(np.zeros((4, 64, 64), np.uint8)), "expected 3 channels"),
-        "tiling": (victim, replace(np.zeros((3, 60, 60), np.uint8)), "does not tile"),
+        "tiling": (victim, replace(np.zeros((3, 60, 60), np.uint8)), "size 60x60 differs from the screen's 64x64"),
         "size": (victim, replace(np.zeros((3, 96, 96), np.uint8)), "differs from the screen's 64x64"),
         "nan": (victim, replace(np.full((3, 64, 64), np.nan, np.float32)), "NaN or inf"),
     }
