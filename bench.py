@@ -10,6 +10,7 @@ Speed, printed as figures.
     python bench.py probe --depth 48 --crop_size 128  # the same at vitg8's depth (4x fewer crops)
     python bench.py map                               # evaluate.py's copairs mAP vs copairs, 10k and 50k profiles
     python bench.py embed --presets vitg8 --batch_size 64   # embedding crops/s and MFU (every block, one pass)
+    python bench.py gallery                           # prepare of a JUMP plate from S3 on localhost vs local files
 
 1. train.py itself, per preset, on 256x256x6 random crops prepared by data.py: steps/s, crops/s,
    tokens/s, MFU and peak memory, read from its log. With --hf, first the step of our MAE against
@@ -492,6 +493,52 @@ def probe_figures(depth, crop_size=64, seed=0, repeats=3):
           f"(its pass, every block pooled and cached: {embed_seconds:.1f} s; {depth} probes: {our_seconds - embed_seconds:.1f} s)")
 
 
+def gallery_figures(wells, sites, size, repeats=3, workers=2):
+    """data.py prepare of a Cell Painting Gallery plate (synth.write_gallery_plate: 5 stains, 3
+    brightfield planes, illumination functions, a gzip LoadData of s3:// addresses) served by moto's
+    S3 server on localhost (benchmark-only: pip install "moto[server]" s3fs), against the same plate
+    from local files (--mirror): seconds each (the best of `repeats`, taken in turns), the ratio, and
+    whether the crops are identical. The network path's cost on this machine, not the internet's."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL_S3"] = f"http://{host}:{port}"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE"):
+        os.environ.pop(key, None)  # anonymous, as the public gallery is read
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "gallery"
+        load_data = synth.write_gallery_plate(root, wells=[f"{r}{c:02d}" for r in "AB" for c in range(1, 13)][:wells],
+                                              sites=sites, size=size)
+        s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"], aws_access_key_id="o",
+                          aws_secret_access_key="o", region_name="us-east-1")
+        s3.create_bucket(Bucket="cellpainting-gallery")
+        for path in root.rglob("*"):
+            if path.is_file():
+                s3.put_object(Bucket="cellpainting-gallery", Key=path.relative_to(root).as_posix(), Body=path.read_bytes(),
+                              ACL="public-read")
+        url = f"s3://cellpainting-gallery/{load_data.relative_to(root).as_posix()}"
+        runs = {"local files": dict(load_data=load_data, mirrors=[("s3://cellpainting-gallery", str(root))]),
+                "S3 on localhost": dict(load_data=url)}
+        seconds = dict.fromkeys(runs, math.inf)
+        for repeat in range(repeats):
+            for name, where in runs.items():
+                out = Path(tmp) / f"{name}_{repeat}"
+                start = time.perf_counter()
+                data.prepare(None, None, out, illum=True, workers=workers, **where)
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+        same = all((Path(tmp) / f"local files_{r}" / "shard_00000.npy").read_bytes()
+                   == (Path(tmp) / f"S3 on localhost_{r}" / "shard_00000.npy").read_bytes() for r in range(repeats))
+    server.stop()
+    images = wells * sites
+    print(f"\nprepare of a gallery plate: {images} fields of {size}x{size} (5 stains read, illumination-corrected), "
+          f"crop 256, {workers} workers; the best of {repeats}, taken in turns")
+    for name, s in seconds.items():
+        print(f"{name:16} {s:6.2f} s  {images / s:6.1f} fields/s")
+    print(f"S3 / local: {seconds['S3 on localhost'] / seconds['local files']:.2f}x; crops {'identical' if same else 'DIFFERENT'}")
+
+
 def map_profiles(n, dims, seed=0, replicates=4, control_fraction=0.06):
     """A JUMP-like plate map: compounds in `replicates` wells each, DMSO in control_fraction of the wells,
     a third of the compounds active (a shift along one of 20 directions), copairs' reference index."""
@@ -566,7 +613,7 @@ def map_figures(sizes, dims, null_size, memory_gib=16, timeout=1800):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
-    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe", "map", "embed"],
+    parser.add_argument("suite", nargs="?", default="train", choices=["train", "gpu", "lion", "recall", "probe", "map", "embed", "gallery"],
                         help="which figures")
     parser.add_argument("--profiles", default="10000,50000", help="map: comma-separated profile counts")
     parser.add_argument("--null_size", type=int, default=10000, help="map: null draws of the p-values")
@@ -586,6 +633,9 @@ if __name__ == "__main__":
     parser.add_argument("--activation_checkpointing", action="store_true", help="train: recompute each block in the backward pass")
     parser.add_argument("--world_size", type=int, default=8, help="lion: ranks the parameters are sharded over")
     parser.add_argument("--hf", action="store_true", help="train: also compare with transformers' ViTMAE (pip install transformers)")
+    parser.add_argument("--wells", type=int, default=6, help="gallery: wells of the plate (24 at most)")
+    parser.add_argument("--sites", type=int, default=4, help="gallery: fields per well")
+    parser.add_argument("--field_size", type=int, default=1080, help="gallery: field side in pixels (an Opera Phenix's 1080)")
     parser.add_argument("--dry-run", action="store_true", help="gpu: every stage on the CPU at tiny sizes (under 2 minutes)")
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)  # gpu: one stage, in the process gpu_figures starts
     parser.add_argument("--data", help=argparse.SUPPRESS)  # gpu --stage: the crops gpu_figures wrote
@@ -597,7 +647,8 @@ if __name__ == "__main__":
          "recall": lambda: recall_figures(args.genes, args.dims, args.maps.split(","), reference=args.reference), "probe": lambda: probe_figures(args.depth, args.crop_size),
          "map": lambda: map_figures([int(n) for n in args.profiles.split(",")], args.dims if args.dims != 1664 else 384,
                                     args.null_size),
-         "embed": lambda: embed_presets(args.presets.split(","), args.batch_size, args.crops)}[args.suite]()
+         "embed": lambda: embed_presets(args.presets.split(","), args.batch_size, args.crops),
+         "gallery": lambda: gallery_figures(args.wells, args.sites, args.field_size)}[args.suite]()
     if args.suite != "train":
         sys.exit()
     device = "cuda" if torch.cuda.is_available() else "cpu"
