@@ -145,23 +145,19 @@ class Lion(torch.optim.Optimizer):
             weights, grads = local(params), local([p.grad for p in params])
             lr, (beta1, beta2), decay = group["lr"], group["betas"], 1 - group["lr"] * group["weight_decay"]
             mix = 1 - beta2  # the momentum's step toward the gradient
-            if self.found_inf is not None:  # a skipped step is lr 0 and mix 0, its gradients zeroed (NaN * 0 is NaN)
+            if self.found_inf is not None:  # a skipped step is lr 0, and each gradient is its momentum
                 skip = local_shard(self.found_inf).bool()  # the mask once, not once per gradient
-                for g in grads:
-                    g.masked_fill_(skip, 0)  # in place: a pass over the gradient, no copy
+                for g, m in zip(grads, momenta):
+                    torch.where(skip, m, g, out=g)  # NaN gone, and lerp(m, m, mix) is m: no tensor weight needed
                 keep = (~skip).float()
-                lr, decay, mix = lr * keep, 1 - lr * keep * group["weight_decay"], mix * keep
+                lr, decay = lr * keep, 1 - lr * keep * group["weight_decay"]
             if self.foreach or (self.foreach is None and weights[0].is_cuda):
                 torch._foreach_mul_(weights, decay)
                 update = torch._foreach_lerp(momenta, grads, 1 - beta1)
                 torch._foreach_sign_(update)
                 torch._foreach_mul_(update, -lr)
                 torch._foreach_add_(weights, update)
-                del update
-                # m += mix (g - m): lerp with a tensor weight has no fused kernel (one launch per tensor)
-                toward = torch._foreach_sub(grads, momenta)
-                torch._foreach_mul_(toward, mix)
-                torch._foreach_add_(momenta, toward)
+                torch._foreach_lerp_(momenta, grads, mix)  # a number: the fused kernel (a tensor weight has none)
                 continue
             for w, g, m in zip(weights, grads, momenta):
                 w.mul_(decay)
