@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import inputs
 import model as mae
 
 
@@ -90,7 +91,10 @@ def well_embeddings(source, rows, keep, out, embeddings=None, ckpt=None, batch_s
     if embeddings is not None:
         well_of_crop, well_rows = evaluate.well_table(source)
         present = np.unique(well_of_crop[keep])
-        return np.load(embeddings, mmap_mode="r")[present], [well_rows[i] for i in present]
+        features = inputs.npy(embeddings)
+        if features.ndim != 2 or len(features) != len(well_rows):
+            inputs.refuse(embeddings, f"shape {list(features.shape)}, not [wells, D] for the {len(well_rows)} wells of {source.root}")
+        return features[present], [well_rows[i] for i in present]
     if ckpt is None:
         encode = lambda x: evaluate.handcrafted_features(x.cpu())[None]
     else:
@@ -105,17 +109,19 @@ def well_embeddings(source, rows, keep, out, embeddings=None, ckpt=None, batch_s
 
 
 def consistency_p_values(x, well_rows, control, controls, out, seed):
-    """Per experiment: TVN-align the wells on their plate's controls (99% of the control variance),
+    """Per experiment: TVN-align the wells on their plate's control wells (is_control where the
+    metadata has it, else those named `control`; 99% of the control variance),
     then evaluate.replicate_consistency's p-value for each perturbation with two or more wells there;
     the experiments' p-values combined by the Cauchy combination test. Returns {perturbation: p}."""
     x = np.asarray(x, np.float64)
     label = evaluate.replicate_key(well_rows)
     plate = np.array([r["plate"] for r in well_rows], dtype=str)
     experiment = np.array([r.get("experiment", r["plate"]) for r in well_rows], dtype=str)
+    is_control = evaluate.control_wells(well_rows, label, control, "curate")
     p_values = {}
     for e in sorted(set(experiment)):
         rows_e = experiment == e
-        aligned = evaluate.align(x[rows_e], plate[rows_e], label[rows_e] == control, "tvn", out / "curate_aligned.npy", 0.99)
+        aligned = evaluate.align(x[rows_e], plate[rows_e], is_control[rows_e], "tvn", out / "curate_aligned.npy", 0.99)
         tested = [p for p in set(label[rows_e]) - controls if (label[rows_e] == p).sum() >= 2]
         if tested:
             _, p_e = evaluate.replicate_consistency(aligned, label[rows_e], plate[rows_e], control=control, seed=seed)
@@ -141,9 +147,13 @@ def curate(data_dir, out, embeddings=None, ckpt=None, nuclear_channel="DNA", foc
     the curated dataset to `out` and returns the report. Consistency (rule 3) is tested on the wells'
     embeddings: `embeddings` ([wells, D] .npy in evaluate.well_table order), a model's (`ckpt`), or
     hand-crafted features of the crops that passed rules 1-2; kept if the combined p < alpha."""
-    source, out = data.CropDataset(data_dir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    source = data.CropDataset(data_dir)
+    out = inputs.output_folder(out, data_dir, embeddings)
     rows = data.read_csv(source.index_path)
+    absent = [c for c in ("plate", "well", "perturbation") if c not in rows[0]]
+    if absent:
+        raise SystemExit(f"{source.index_path}: no column {', '.join(absent)}: curation needs each crop's plate, well and "
+                         "perturbation (name the perturbation column so when preparing)")
     channels = source.meta["channels"]
     nuclear = channels.index(nuclear_channel) if nuclear_channel in channels else 0
     column = lambda name, fallback=None: np.array([r.get(name, r.get(fallback)) for r in rows], dtype=str)
@@ -170,7 +180,12 @@ def curate(data_dir, out, embeddings=None, ckpt=None, nuclear_channel="DNA", foc
     keep &= ~np.isin(label, rare)
 
     features, well_rows = well_embeddings(source, rows, keep, out, embeddings, ckpt, batch_size)
+    if not np.isfinite(np.asarray(features, np.float64)).all():
+        raise SystemExit(f"{embeddings or ckpt or 'the hand-crafted features'}: the wells' embeddings are not all finite "
+                         "(NaN or inf): consistency cannot be tested on them")
     combined = consistency_p_values(features, well_rows, control, controls, out, seed)
+    flagged = evaluate.control_wells(well_rows, evaluate.replicate_key(well_rows), control, "curate")
+    controls |= set(evaluate.replicate_key(well_rows)[flagged].tolist())  # is_control decides, named or not
     candidates = set(evaluate.replicate_key(well_rows)) - controls
     inconsistent = sorted(p for p in candidates if combined.get(p, 1.0) >= alpha)
     report["consistency"] = {"alpha": alpha, "combined_p": combined, "dropped": inconsistent,

@@ -83,7 +83,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 # ---- prepare: images -> shards ------------------------------------------------------------------
 
 class BadImage(Exception):
-    """An input image that cannot become crops; the message names the file and the problem."""
+    """An input image that cannot become crops: the problem, and the file when one of a site's files
+    is the bad one (else the site's first file is named)."""
+    def __init__(self, problem, file=None):
+        super().__init__(problem)
+        self.file = file
 
 
 # ---- the screen's files and rows ------------------------------------------------------------------
@@ -193,6 +197,8 @@ def table_images(tables):
             rows = pq.read_table(table, columns=[n for n in schema.names if n != pixels]).to_pylist()
         except (OSError, ValueError) as e:  # pyarrow's errors derive from these
             raise SystemExit(f"{table}: unreadable parquet ({type(e).__name__}: {e})") from None
+        if not rows:
+            raise SystemExit(f"{table}: no rows (a schema alone): no image to prepare")
         for i, row in enumerate(rows):
             if "__key__" in row:
                 name = str(row.pop("__key__"))
@@ -401,7 +407,12 @@ def tiff_header(path):
 
 def read_site(files, n_channels, channel_axis, read=read_image):
     """The site's image as [C, H, W] in its own dtype."""
-    arrays = [read(f) for f in files]
+    arrays = []
+    for f in files:
+        try:
+            arrays.append(read(f))
+        except BadImage as e:
+            raise BadImage(str(e), f) from None
     if len(files) > 1:  # one file per channel
         if any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise BadImage(f"per-channel files must be 2-D and equal in size, got {[a.shape for a in arrays]}")
@@ -429,7 +440,7 @@ def screen_shape(sites, n_channels, channel_axis, sample=64):
         try:
             shapes[read_site(files, n_channels, channel_axis, read=tiff_header).shape] += 1
         except BadImage as e:
-            problems.append(f"{files[0]}: {e}")
+            problems.append(f"{e.file or files[0]}: {e}")
     if not shapes:
         raise SystemExit(f"no image of the {len(problems)} sampled could be read; the first, {problems[0]}")
     return shapes.most_common(1)[0][0]
@@ -540,8 +551,8 @@ def prepare_shard(job):
                                f"{opts['image_shape'][0]}x{opts['image_shape'][1]}")
         except BadImage as e:
             if on_error == "raise":
-                raise BadImage(f"{files[0]}: {e}") from None
-            skipped.append([files[0], str(e)])
+                raise BadImage(f"{e.file or files[0]}: {e}") from None
+            skipped.append([e.file or files[0], str(e)])
             continue
         crops.append(tiles)
         kept.append(site_id)
@@ -620,6 +631,8 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
         layout = pattern or guess_pattern(files, rows[0])
         if "{channel}" in layout and not channels:
             channels = channel_values(files, layout)
+            if not channels:
+                raise SystemExit(f"{images}: no file matches the layout {layout}")
         sites, strays = find_sites(images, files, rows, layout, channels, on_error, where)
         names, n_expected = channels, len(channels) if channels else None
     if not sites:
@@ -634,6 +647,10 @@ def prepare(images, metadata, out, pattern=None, channels=None, channel_names=No
               f"{image_shape[1] // crop_size} crops of {crop_size} px, leaving out {left_out[0][0]}/{left_out[0][1]} px "
               f"at the top/bottom and {left_out[1][0]}/{left_out[1][1]} at the left/right (--exact_tiling refuses such images)")
     names = list(channel_names or names or [f"ch{i + 1}" for i in range(n_channels)])
+    for given, what in ((channels, "--channels"), (names, "--channel_names" if channel_names else "the channel names")):
+        twice = sorted({n for n in given or [] if list(given).count(n) > 1})
+        if twice:
+            raise SystemExit(f"{what}: {', '.join(twice)} named twice (each channel once: a CA-MAE has one table row a name)")
     if len(names) != n_channels:
         raise SystemExit(f"--channel_names: {len(names)} names for the screen's {n_channels} channels")
     tiles_per_site = (image_shape[0] // crop_size) * (image_shape[1] // crop_size)
@@ -728,12 +745,22 @@ def merge(out):
                          f"with --part {missing[0]}/{n} (the same command as the others), then --merge")
     metas = [json.loads(done[i, n].read_text()) for i in range(1, n + 1)]
     index, skipped = [], []
-    for i in range(1, n + 1):
-        with open(out / f"part_{i}_of_{n}.csv", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader)
-            index += list(reader)
-        skipped += [list(r.values()) for r in read_csv(out / f"part_{i}_of_{n}_skipped.csv")]
+    for i, part in enumerate(metas, start=1):  # each part's tables against its json, the mark that it finished
+        name = f"part_{i}_of_{n}"
+        try:
+            with open(out / f"{name}.csv", newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader)
+                rows = list(reader)
+            part_skipped = [list(r.values()) for r in read_csv(out / f"{name}_skipped.csv")]
+        except (OSError, StopIteration, csv.Error) as e:
+            raise SystemExit(f"{out / name}.csv: unreadable or missing ({type(e).__name__}): rerun data.py prepare "
+                             f"--part {i}/{n}, then --merge") from None
+        if len(rows) != part["crops"] or any(len(r) != len(header) for r in rows) or len(part_skipped) != part["skipped"]:
+            raise SystemExit(f"{out / name}.csv: {len(rows)} crops where {name}.json says {part['crops']} (cut or "
+                             f"changed since): rerun data.py prepare --part {i}/{n}, then --merge")
+        index += rows
+        skipped += part_skipped
     meta = dict(metas[0], crops=len(index), images=sum(m["images"] for m in metas), skipped=len(skipped))
     try:
         write_csv(out / "index.csv", header, index)
@@ -771,7 +798,18 @@ class CropDataset:
         self.root = Path(root)
         if not (self.root / "meta.json").exists():
             raise SystemExit(f"{self.root}: not a prepared dataset (no meta.json; run data.py prepare)")
-        self.meta = json.loads((self.root / "meta.json").read_text())
+        try:
+            self.meta = json.loads((self.root / "meta.json").read_text())
+        except ValueError as e:
+            raise SystemExit(f"{self.root / 'meta.json'}: unreadable ({e})") from None
+        names = self.meta.get("channels") if isinstance(self.meta, dict) else None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)) \
+                or not isinstance(self.meta.get("crop_size"), int):
+            raise SystemExit(f"{self.root / 'meta.json'}: not a prepared dataset's (it needs channels, a list of names, "
+                             "and crop_size; run data.py prepare)")
+        if len(set(names)) != len(names):
+            raise SystemExit(f"{self.root / 'meta.json'}: a channel named twice ({', '.join(names)}): each name is one "
+                             "row of a CA-MAE's channel tables")
         self.shard_root = self.root / self.meta.get("shard_root", ".")  # a curated dataset points at its source
         self.index_path = Path(index) if index else self.root / "index.csv"
         located = read_index(self.index_path, ["shard", "offset"])

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import inputs
 import model as mae
 
 SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
@@ -171,6 +172,8 @@ def channel_encoder(model, dataset, keep, blocks):
     unknown = [n for n in keep if n not in names]
     if unknown:
         raise SystemExit(f"{dataset.root}: no channel {', '.join(unknown)} (it has {', '.join(names)})")
+    if len(set(keep)) != len(keep):
+        raise SystemExit(f"--channels: {', '.join(sorted({n for n in keep if keep.count(n) > 1}))} named twice")
     kept = torch.tensor([names.index(n) for n in keep])
     if not model.config.channel_agnostic:
         blank = torch.tensor([i for i, n in enumerate(names) if n not in keep], dtype=torch.long)
@@ -1194,15 +1197,26 @@ def read_profiles(path, metadata=None, keys=WELL_KEY):
     them): [1, rows, D] and the metadata rows (the prefix dropped). With a metadata CSV too, its rows
     are joined on `keys`, which must name the same rows once each (a shuffled or foreign CSV is refused,
     where a .npy beside a CSV cannot be checked)."""
-    table = data.pyarrow_parquet(path).read_table(path)
+    parquet = data.pyarrow_parquet(path)
+    try:
+        table = parquet.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: a cut file, not parquet at all
+        raise SystemExit(f"{path}: not a whole parquet table ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     names = [c for c in table.column_names if c.startswith("Metadata_")]
     feature_names = [c for c in table.column_names if not c.startswith("Metadata_")]
     if not names or not feature_names:
         raise SystemExit(f"{path}: not a profile table (Metadata_* columns, then feature columns)")
+    if table.num_rows == 0:
+        raise SystemExit(f"{path}: no rows (a schema alone)")
+    numeric = ("int", "uint", "float", "double", "halffloat")
+    text = [c for c in feature_names if not str(table.schema.field(c).type).startswith(numeric)]
+    if text:
+        raise SystemExit(f"{path}: feature column {text[0]} holds {table.schema.field(text[0]).type}, not numbers "
+                         "(metadata columns are named Metadata_*)")
     rows = [{c[len("Metadata_"):]: "" if v is None else str(v) for c, v in r.items()} for r in table.select(names).to_pylist()]
     features = np.stack([table.column(c).to_numpy().astype(np.float32) for c in feature_names], 1)
     if metadata:
-        labels = data.read_csv(metadata)
+        labels = inputs.table(metadata)
         missing = [k for k in keys if k not in rows[0] or k not in labels[0]]
         if missing:
             raise SystemExit(f"{path}, {metadata}: no key column {', '.join(missing)} in both to join them on")
@@ -1226,7 +1240,7 @@ def read_embeddings(path, metadata):
         return read_profiles(path, metadata)
     if not metadata:
         raise SystemExit(f"{path}: a .npy carries no metadata: pass --metadata (or give a parquet profile table)")
-    features, wells = np.load(path, mmap_mode="r"), data.read_csv(metadata)
+    features, wells = inputs.npy(path), inputs.table(metadata)
     if features.ndim == 2:
         features = features[None]
     if features.ndim != 3 or features.shape[-2] != len(wells):
@@ -1321,23 +1335,6 @@ def write_anndata(path, features, rows):
     tmp.replace(path)
 
 
-def read_groups(path):
-    """{group: [perturbations]} from a CSV with perturbation and group columns (a perturbation may be in several)."""
-    if not path:
-        return None
-    rows = data.read_metadata(path)
-    if not {"perturbation", "group"} <= set(rows[0]):
-        raise SystemExit(f"{path}: needs columns perturbation and group")
-    groups = {}
-    for r in rows:
-        groups.setdefault(r["group"], []).append(r["perturbation"])
-    return groups
-
-
-def read_lines(path):
-    return [line.strip() for line in open(path) if line.strip()] if path else []
-
-
 def control_wells(wells, perturbation, control, where="metadata"):
     """Which wells are controls: where the metadata has an is_control column, its true values (True,
     true, 1, yes); else the wells whose perturbation is `control`. When both say something and
@@ -1420,10 +1417,13 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
              null_perturbations=(), compound_activity=None, chromosome_arms=None, drop=(), min_wells=1,
              settings=None, groups=None, null_size=10000, consistency_p=0.01, h5ad=False):
     """Steps 2-5 and every benchmark on well embeddings [wells, D] (memory-mappable) with their
-    metadata rows. Writes aligned.npy, report.json and report.md to `out`; returns the report."""
+    metadata rows. Writes aligned.npy, report.json and report.md to `out` (and removes what an
+    earlier run left there that this one does not write); returns the report. compound_activity:
+    [(compound, gene, activity in uM)] (inputs.compound_activity)."""
     check_map(features, wells)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    inputs.clear_stale(out, RESULTS, [])  # all rewritten below, or (h5ad, map.png) left out this time
     started = time.perf_counter()
     perturbation, batch, kind, ids, tables = check_labels(wells, batch_col, perturbation_col, control, annotations, sources,
                                                          null_perturbations, drop, min_wells, consistency_p)
@@ -1467,9 +1467,8 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     compounds = kind == "compound"
     if compound_activity and compounds.any():
         names, compound_map = aggregate(aligned[np.flatnonzero(compounds)], replicates[compounds], aggregate_method)
-        table = [(r["compound"], r["gene"], float(r["activity_um"])) for r in data.read_csv(compound_activity)]
         summary, per_compound = compound_gene_activity(compound_map, [n.rsplit("@", 1)[0] for n in names],
-                                                       gene_map, gene_names, table)
+                                                       gene_map, gene_names, compound_activity)
         report["compound_gene"] = dict(summary, per_compound=per_compound)
     write_maps(out, aligned, [wells[i] for i in ids], gene_map, gene_names, h5ad)
     if plot_map(out / "map.png", gene_map, gene_names, groups) is None:
@@ -1484,6 +1483,12 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     data.write_atomic(out / "report.md", lambda f: f.write(text.encode()))
     print(text)
     return report
+
+
+# What evaluate() writes in its folder, and what main() writes there besides
+RESULTS = ("aligned.npy", "report.json", "report.md", "consistency.csv", "map_activity.csv", "map_consistency.csv",
+           "wells.parquet", "perturbations.parquet", "wells.h5ad", "perturbations.h5ad", "map.png")
+EMBEDDED = ("embeddings.npy", "wells.csv", "blocks.csv", "blocks.png")
 
 
 def _rows(features, ids):
@@ -1560,12 +1565,19 @@ def main(argv=None):
                         help="with --ckpt: the dataset's channels the model sees, by name (e.g. DNA,AGP,Mito); a CA-MAE "
                              "gets those alone, a standard one the others as zeros. None: all")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    null_perturbations, groups = read_lines(args.null_perturbations), read_groups(args.groups)
+    out = inputs.output_folder(args.out, args.data, args.embeddings, args.metadata)
+    null_perturbations = inputs.names(args.null_perturbations, "null-perturbation list") if args.null_perturbations else []
+    groups = inputs.groups(args.groups) if args.groups else None
+    compound_activity = inputs.compound_activity(args.compound_activity) if args.compound_activity else None
+    inputs.clear_stale(out, EMBEDDED, [])  # an earlier run's embeddings beside this run's report would be stale
+
+    def check_groups(wells):  # --groups of another screen would drop the consistency mAP without a word
+        if groups:
+            inputs.matching_groups(args.groups, [w.get(args.perturbation_col, "") for w in wells])
+
     run = lambda features, out, described: evaluate(
         features, wells, out, args.align, args.pca_dims, args.batch_col, args.perturbation_col, args.control, args.aggregate,
-        args.annotations, args.sources, null_perturbations, args.compound_activity, args.chromosome_arms,
+        args.annotations, args.sources, null_perturbations, compound_activity, args.chromosome_arms,
         args.drop, args.min_wells, dict(source=described, align=args.align, pca_dims=args.pca_dims, batch_col=args.batch_col,
                                          aggregate=args.aggregate, control=args.control, sources=args.sources,
                                          min_wells=args.min_wells, drop=args.drop),
@@ -1576,6 +1588,7 @@ def main(argv=None):
         parser.error("--block all reads the blocks of --embeddings (probe.py's features.npy)")
     if args.embeddings:
         features, wells = read_embeddings(args.embeddings, args.metadata)
+        check_groups(wells)
         if args.block == "all":  # every block benchmarked, and the curves
             per_block = {}
             for block in range(1, len(features) + 1):
@@ -1596,6 +1609,7 @@ def main(argv=None):
     elif args.data and (args.ckpt or args.features):
         dataset = data.CropDataset(args.data)
         table = well_table(dataset)  # read once: the check before embedding, then the embedding
+        check_groups(table[1])
         check_labels(table[1], args.batch_col, args.perturbation_col, args.control, args.annotations,
                      args.sources, null_perturbations, args.drop, args.min_wells, args.consistency_p)
         device = rank_device(args.device)

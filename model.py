@@ -562,20 +562,65 @@ def from_pretrained(path, device="cpu", heads=None, arch=None, parallel_bias=Non
     "timm0.9" or "timm1.0", which timm's ParallelScalingBlock the weights were trained with."""
     path = Path(path)
     if (path / "train.json").is_file():  # a training checkpoint folder
-        model = build(MAEConfig(**json.loads((path / "train.json").read_text())["model_config"]), device, verbose=False)
+        problem = checkpoint_problem(path)
+        if problem:
+            raise SystemExit(f"{path}: not a complete checkpoint ({problem})")
+        model = build(checked_config(lambda: json.loads((path / "train.json").read_text())["model_config"], path / "train.json"),
+                      device, verbose=False)
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
         model.load_state_dict(state["model"])
         return model
     state = weights.read_weights(path)
     if "config" in state and "model" in state:
-        config, tensors = MAEConfig(**state["config"]), state["model"]
+        config, tensors = checked_config(lambda: state["config"], path), state["model"]
     else:
         fields, tensors = weights.translate(state, path, sincos_2d, heads, arch, parallel_bias)
         config = MAEConfig(**fields)
     model = build(config, device, verbose=False)
+    expected = model.state_dict()
+    for problem in ([f"no tensor {k!r}, which its config's model has" for k in expected if k not in tensors]
+                    + [f"a tensor {k!r} its config's model does not have" for k in tensors if k not in expected]
+                    + [f"{k!r} is {list(tensors[k].shape)} where its config makes {list(v.shape)}" for k, v in expected.items()
+                       if k in tensors and tensors[k].shape != v.shape]):
+        raise SystemExit(f"{path}: {problem}")
     model.load_state_dict(tensors)
     return model
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint folder `path` cannot be resumed from, or None when it is complete: train.json
+    names its step, torch.distributed.checkpoint's .metadata reads, and every file it indexes is there
+    and long enough. A folder half-written or half-deleted by a killed run fails one of these."""
+    try:
+        info = json.loads((path / "train.json").read_text())
+        if path.name.startswith("ckpt_") and info["step"] != int(path.name.split("_")[1]):
+            return f"train.json says step {info['step']}"
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # a damaged file fails in many ways; any of them means not resumable
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    ends = {}
+    for stored in metadata.storage_data.values():
+        ends[stored.relative_path] = max(ends.get(stored.relative_path, 0), stored.offset + stored.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).exists() else None
+        if size is None or size < end:
+            return f"{name} {'is missing' if size is None else f'holds {size} of {end} bytes'}"
+    return None
+
+
+def checked_config(read, path):
+    """MAEConfig from read() (a dict): one line naming the file when it cannot be read or names a field
+    this MAEConfig does not have."""
+    try:
+        fields = read()
+        known = MAEConfig.__dataclass_fields__
+        unknown = [k for k in fields if k not in known]
+        if unknown:
+            raise SystemExit(f"{path}: a config field this version does not know: {', '.join(unknown)}")
+        return MAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a readable model config ({type(e).__name__}: {e})") from None
 
 
 def build(config: MAEConfig, device="cpu", verbose=True):

@@ -11,7 +11,7 @@ The block with the best balanced accuracy wins; --trim writes the encoder cut th
 which evaluate.py and MAE.embed load as is.
 
 Tasks: `perturbation` (which gene/siRNA/compound is in the well: the RxRx1 task) and `group` (which
-functional group the perturbed gene belongs to, from --groups CSV gene,group: the "Anax" task).
+functional group the perturbed gene belongs to, from --groups CSV perturbation,group: the "Anax" task).
 """
 
 import argparse
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import inputs
 import model as mae
 
 
@@ -42,9 +43,11 @@ def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu", channe
                   data=str(Path(dataset_root).resolve()), index_mtime=os.path.getmtime(Path(dataset_root) / "index.csv"),
                   channels=channels)
     cached = out / "features.json"
-    if cached.exists() and json.loads(cached.read_text())["source"] == source:
+    if inputs.cache_valid(out / "features.npy", cached, source) and (out / "wells.csv").exists():
         print(f"block features from the cache {out / 'features.npy'}")
         return np.load(out / "features.npy", mmap_mode="r"), data.read_csv(out / "wells.csv")
+    if evaluate.torchrun_rank()[0] == 0:
+        cached.unlink(missing_ok=True)  # the description goes first: a run killed after this describes nothing
     device = evaluate.rank_device(device)
     model = mae.from_pretrained(ckpt, device).eval()
     blocks = list(range(1, len(model.blocks) + 1))
@@ -53,7 +56,7 @@ def block_features(ckpt, dataset_root, out, batch_size=256, device="cpu", channe
                                            out / "features.npy", batch_size, device)
     if evaluate.torchrun_rank()[0] == 0:
         data.write_csv(out / "wells.csv", list(wells[0]), [list(w.values()) for w in wells])
-        data.write_json(cached, dict(source=source, blocks=blocks, shape=list(features.shape)))
+        inputs.describe_cache(out / "features.npy", cached, source=source, blocks=blocks, shape=list(features.shape))
     return features, wells
 
 
@@ -67,8 +70,11 @@ def task_labels(wells, task, groups=None, perturbation_col="perturbation", contr
         labels = perturbation.copy()
     elif task == "group":
         if not groups:
-            raise SystemExit("--task group needs --groups (a CSV with columns gene, group)")
-        group_of = {r["gene"]: r["group"] for r in data.read_csv(groups)}
+            raise SystemExit("--task group needs --groups (a CSV with columns perturbation, group)")
+        group_of = {}
+        for group, members in inputs.matching_groups(groups, perturbation).items():
+            for p in members:
+                group_of.setdefault(p, group)  # a perturbation in several groups: the first is its label
         labels = np.array([group_of.get(p, "") for p in perturbation], dtype=str)
     else:
         raise SystemExit(f"unknown task {task!r}: perturbation or group")
@@ -273,7 +279,7 @@ def main(argv=None):
     parser.add_argument("--data", help="a prepared dataset (with --ckpt)")
     parser.add_argument("--metadata", help="CSV, one row per well of --embeddings")
     parser.add_argument("--task", default="perturbation", help="perturbation, group, or both: perturbation,group")
-    parser.add_argument("--groups", help="CSV gene,group for --task group")
+    parser.add_argument("--groups", help="CSV perturbation,group for --task group (as evaluate.py reads it)")
     parser.add_argument("--blocks", default="all", help="all, or e.g. 4,8,12")
     parser.add_argument("--out", required=True, help="folder of probe.csv, probe.json, the block cache and trimmed.pt")
     parser.add_argument("--split_col", default="experiment", help="metadata column whose values are held out whole")
@@ -301,8 +307,8 @@ def main(argv=None):
         parser.error("--trim needs --ckpt")
     if args.channels and not args.ckpt:
         parser.error("--channels chooses what a model (--ckpt) sees")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = inputs.output_folder(args.out, args.data, args.embeddings, args.metadata)
+    inputs.clear_stale(out, ("probe.csv", "probe.json", "probe.png", "trimmed.pt"), [])  # this run writes its own
     started = time.perf_counter()
     if args.ckpt:  # under torchrun every rank embeds its share; rank 0 alone goes on to the probes
         features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device, args.channels)

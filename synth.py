@@ -361,7 +361,7 @@ def synth(out, size="demo", seed=0, annotations="auto", replicates=1, junk=False
     data.write_csv(out / "planted.csv", ["plate", "well", "perturbation", "perturbation_type", "is_control", "experiment",
                                     "concentration"], truth_rows)
     data.write_atomic(out / "planted.npy", lambda f: np.save(f, np.array(truth_phenotypes, np.float32)))
-    data.write_csv(out / "gene_groups.csv", ["gene", "group"], [[g, groups[g]] for g in sorted(effects) if groups[g]])
+    data.write_csv(out / "gene_groups.csv", ["perturbation", "group"], [[g, groups[g]] for g in sorted(effects) if groups[g]])
     data.write_atomic(out / "null_genes.txt", lambda f: f.write("".join(f"{g}\n" for g in sorted(effects) if not groups[g]).encode()))
     data.write_csv(out / "compound_activity.csv", ["compound", "gene", "activity_um"],
               [[c, v["target"], v["ic50_um"]] for c, v in compounds.items()])

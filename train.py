@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import CropDataset, Loader, write_atomic
-from model import MAE, MAEConfig, peak_flops_of, save_consolidated, standardize
+from model import MAE, MAEConfig, checkpoint_problem, peak_flops_of, save_consolidated, standardize
 
 # model
 preset = "vits16"           # a key of model.PRESETS; MAEConfig fields set here override it
@@ -111,6 +111,14 @@ def check_settings():
         problems.append("channel_sampling needs channel_agnostic=True and min_channels of 1 or more")
     if parallel not in ("none", "ddp", "fsdp", "hsdp"):
         problems.append(f"parallel must be none, ddp, fsdp or hsdp, got {parallel!r}")
+    if data_weights:
+        try:
+            weights = [float(w) for w in data_weights.split(",")]
+        except ValueError:
+            weights = [-1.0]
+        if len(weights) != len(data.split(",")) or not all(w >= 0 and math.isfinite(w) for w in weights) or not sum(weights):
+            problems.append(f"data_weights must be {len(data.split(','))} numbers, 0 or more, not all 0 (one per dataset of "
+                            f"data), got {data_weights!r}")
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -273,27 +281,6 @@ def step_module(model):
 RUN_SETTINGS = {"max_steps", "log_interval", "ckpt_interval", "keep_ckpts", "snapshot_interval", "log_file", "out_dir",
                 "device", "compile", "activation_checkpointing", "parallel", "sdpa_backend", "peak_flops",
                 "batch_size", "max_bad_steps", "dp_replicate", "compile_backend"}  # how a run goes, not what it trains: free to change on resume
-
-
-def checkpoint_problem(path):
-    """Why the checkpoint folder `path` cannot be resumed from, or None when it is complete: train.json
-    names its step, torch.distributed.checkpoint's .metadata reads, and every file it indexes is there
-    and long enough. A folder half-written or half-deleted by a killed run fails one of these."""
-    try:
-        info = json.loads((path / "train.json").read_text())
-        if info["step"] != int(path.name.split("_")[1]):
-            return f"train.json says step {info['step']}"
-        metadata = dcp.FileSystemReader(path).read_metadata()
-    except Exception as e:  # a damaged file fails in many ways; any of them means not resumable
-        return f"{type(e).__name__}: {e}".splitlines()[0]
-    ends = {}
-    for stored in metadata.storage_data.values():
-        ends[stored.relative_path] = max(ends.get(stored.relative_path, 0), stored.offset + stored.length)
-    for name, end in sorted(ends.items()):
-        size = (path / name).stat().st_size if (path / name).exists() else None
-        if size is None or size < end:
-            return f"{name} {'is missing' if size is None else f'holds {size} of {end} bytes'}"
-    return None
 
 
 def resume_point(rank):

@@ -311,7 +311,7 @@ def from_timm(state, path="weights", heads=None, arch=None, model_args=None, par
             continue
         for theirs, mine in SEQUENTIAL_NAMES:
             for kind in ("weight", "bias", "gamma"):
-                if f"{b}{theirs}.{kind}" in take:
+                if f"blocks.0.{theirs}.{kind}" in state:  # what block 0 has, every block has: a missing one is named
                     ours[f"{b}{mine}.{kind}"] = need(f"{b}{theirs}.{kind}")
         for mine, width in (("attn.out_proj", dim), ("fc1", mlp_dim), ("fc2", dim)):  # proj_bias=False: zeros
             ours.setdefault(f"{b}{mine}.bias", torch.zeros(width))

@@ -154,7 +154,7 @@ def test_the_block_is_chosen_on_validation_and_scored_on_test(tmp_path):
 
 
 def test_group_task_reads_groups_and_drops_controls(tmp_path):
-    data.write_csv(tmp_path / "groups.csv", ["gene", "group"], [["A", "g1"], ["B", "g2"]])
+    data.write_csv(tmp_path / "groups.csv", ["perturbation", "group"], [["A", "g1"], ["B", "g2"]])
     wells = [dict(perturbation=p) for p in ("A", "B", "C", "non-targeting")]
     assert probe.task_labels(wells, "group", tmp_path / "groups.csv").tolist() == ["g1", "g2", "", ""]
     assert probe.task_labels(wells, "perturbation").tolist() == ["A", "B", "C", ""]
@@ -213,7 +213,7 @@ def test_a_block_with_nan_features_is_one_line_not_a_chance_score(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tests screen cut into 32x32 crops, a small MAE trained on it by train.py (~1 minute), the
-    same architecture untrained, and the planted complexes as a gene,group table."""
+    same architecture untrained, and the planted complexes as a perturbation,group table."""
     import subprocess
     import sys
     root = tmp_path_factory.mktemp("probe")
@@ -227,7 +227,7 @@ def trained(tmp_path_factory):
     untrained.init_weights(seed=1)
     mae.save_consolidated(root / "untrained.pt", untrained.config, untrained.state_dict())
     truth = json.loads((root / "synth" / "truth.json").read_text())
-    data.write_csv(root / "groups.csv", ["gene", "group"], [[g, v["complex"] or "none"] for g, v in truth["genes"].items()])
+    data.write_csv(root / "groups.csv", ["perturbation", "group"], [[g, v["complex"] or "none"] for g, v in truth["genes"].items()])
     return root
 
 

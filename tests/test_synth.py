@@ -93,7 +93,7 @@ def test_planted_map_is_the_rendered_phenotype(tmp_path):
     variation = planted - np.array(expected)
     assert abs(variation.mean()) < 0.02 and 0.13 < variation.std() < 0.17
     groups = data.read_csv(tmp_path / "gene_groups.csv")
-    assert groups and all(truth["genes"][r["gene"]]["complex"] == r["group"] for r in groups)
+    assert groups and all(truth["genes"][r["perturbation"]]["complex"] == r["group"] for r in groups)
 
 
 def test_the_jump_like_screen_is_the_same_screen_in_five_stains_that_loaddata_reads(screen, tmp_path):

@@ -332,6 +332,17 @@ def test_timm_unknown_tensors_are_errors():
         weights.from_timm(dict(s, **{"blocks.1.attn.mystery": torch.ones(3)}))
 
 
+@pytest.mark.parametrize("dropped", ["blocks.1.mlp.fc2.bias", "blocks.2.attn.proj.bias", "blocks.1.norm2.bias"])
+def test_bad_input_a_timm_file_missing_one_blocks_bias_is_one_line_naming_it(tmp_path, dropped):
+    """A bias that block 0 has and a later block lacks is a damaged file, not timm's proj_bias=False: it
+    was read as zeros (embeddings 0.33 off). Saved as safetensors, as a hub would, and loaded by path."""
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in small_vit(qk_norm=True).state_dict().items() if k != dropped}
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(SystemExit, match=rf"model.safetensors: no tensor '{dropped}', which this layout needs"):
+        mae.from_pretrained(tmp_path / "model.safetensors")
+
+
 def test_probe_and_evaluate_run_on_converted_weights(tmp_path):
     """The commands work on these files as on our checkpoints: probe.py on an OpenPhenom file (and its
     --trim), evaluate.py on a timm state dict (RGB model, 6 channels, per-channel path)."""
