@@ -1423,7 +1423,7 @@ def evaluate(features, wells, out, align_method="tvn", pca_dims=0.99, batch_col=
     check_map(features, wells)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    inputs.clear_stale(out, RESULTS, [])  # all rewritten below, or (h5ad, map.png) left out this time
+    inputs.clear_stale(out, RESULTS)  # all rewritten below, or (h5ad, map.png) left out this time
     started = time.perf_counter()
     perturbation, batch, kind, ids, tables = check_labels(wells, batch_col, perturbation_col, control, annotations, sources,
                                                          null_perturbations, drop, min_wells, consistency_p)
@@ -1569,7 +1569,7 @@ def main(argv=None):
     null_perturbations = inputs.names(args.null_perturbations, "null-perturbation list") if args.null_perturbations else []
     groups = inputs.groups(args.groups) if args.groups else None
     compound_activity = inputs.compound_activity(args.compound_activity) if args.compound_activity else None
-    inputs.clear_stale(out, EMBEDDED, [])  # an earlier run's embeddings beside this run's report would be stale
+    inputs.clear_stale(out, EMBEDDED)  # an earlier run's embeddings beside this run's report would be stale
 
     def check_groups(wells):  # --groups of another screen would drop the consistency mAP without a word
         if groups:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+import addresses
 import data
 
 
@@ -103,7 +104,7 @@ def output_folder(out, *inputs):
     out = Path(out)
     resolved = out.resolve()
     for given in inputs:
-        if given and not data.addresses.is_url(given):
+        if given and not addresses.is_url(given):
             source = Path(given).resolve()
             folder = source if source.is_dir() else source.parent
             if resolved == folder:
@@ -117,10 +118,10 @@ def output_folder(out, *inputs):
     return out
 
 
-def clear_stale(out, possible, written):
-    """Remove what an earlier run of the same script left in `out` (names in `possible`) that this run
-    did not write, so that nothing stale stands beside the new results."""
-    for name in set(possible) - set(written):
+def clear_stale(out, names):
+    """Remove what an earlier run of the same script left in `out` under these names, before this run
+    writes its own: nothing it leaves out this time stands stale beside its new results."""
+    for name in names:
         path = Path(out) / name
         if path.is_file():
             path.unlink()

@@ -308,7 +308,7 @@ def main(argv=None):
     if args.channels and not args.ckpt:
         parser.error("--channels chooses what a model (--ckpt) sees")
     out = inputs.output_folder(args.out, args.data, args.embeddings, args.metadata)
-    inputs.clear_stale(out, ("probe.csv", "probe.json", "probe.png", "trimmed.pt"), [])  # this run writes its own
+    inputs.clear_stale(out, ("probe.csv", "probe.json", "probe.png", "trimmed.pt"))  # this run writes its own
     started = time.perf_counter()
     if args.ckpt:  # under torchrun every rank embeds its share; rank 0 alone goes on to the probes
         features, wells = block_features(args.ckpt, args.data, out, args.batch_size, args.device, args.channels)
