@@ -118,9 +118,9 @@ def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_d
     with autocast():
         blocks, _, dims = encode(torch.from_numpy(dataset.crops(order[:1])).to(device)).shape  # every rank alike
     tmp = Path(f"{out_path}.tmp.npy")
-    part = tmp if world_size == 1 else Path(f"{out_path}.part{rank}.npy")
-    part_tmp = part if world_size == 1 else Path(f"{out_path}.part{rank}.tmp.npy")
-    out = np.lib.format.open_memmap(part_tmp, "w+", store_dtype, (blocks, len(mine), dims))
+    parts = [Path(f"{out_path}.part{r}.npy") for r in range(world_size)] if world_size > 1 else []
+    writing = parts[rank].with_suffix(".tmp.npy") if parts else tmp  # one process writes the whole file itself
+    out = np.lib.format.open_memmap(writing, "w+", store_dtype, (blocks, len(mine), dims))
     offset = int(ends[mine[0]] - counts[mine[0]]) if len(mine) else 0  # where this rank's crops start in `order`
     span = order[offset:ends[mine[-1]]] if len(mine) else order[:0]
     batches = [span[start:start + batch_size] for start in range(0, len(span), batch_size)]
@@ -144,20 +144,19 @@ def embed_wells(encode, dataset, out_path, batch_size=256, device="cpu", store_d
         carry = (first + done, sums[:, done]) if done < sums.shape[1] else None
     out.flush()
     del out
-    if world_size > 1:
-        part_tmp.replace(part)
+    if parts:
+        writing.replace(parts[rank])
     barrier()  # every rank's wells are written
-    if rank == 0 and world_size > 1:
+    if rank == 0 and parts:
         whole = np.lib.format.open_memmap(tmp, "w+", store_dtype, (blocks, len(wells), dims))
-        for r in range(world_size):
-            piece = Path(f"{out_path}.part{r}.npy")
+        for r, piece in enumerate(parts):
             whole[:, firsts[r]:firsts[r + 1]] = np.load(piece, mmap_mode="r")
         whole.flush()
         del whole
     if rank == 0:
         tmp.replace(out_path)
-        for r in range(world_size if world_size > 1 else 0):
-            Path(f"{out_path}.part{r}.npy").unlink()
+        for piece in parts:
+            piece.unlink()
     barrier()
     return np.load(out_path, mmap_mode="r"), wells
 
